@@ -1,0 +1,297 @@
+"""params.yaml -> frozen dataclasses: the single source of truth for every tunable.
+
+Defaults live here and nowhere else; ``params.yaml`` overrides them. Loading is strict: an unknown or
+misspelled key raises :class:`ConfigError` naming the key and the closest valid one, and invalid values
+(negative durations, empty symbol lists, unknown ccxt exchange ids, ...) raise with the offending path.
+Functions receive the typed section they need (``MarketParams``, ``FetchParams``...), never the dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cryptoml.errors import ConfigError
+
+SOURCES = ("synthetic", "ccxt", "files")
+DATA_KINDS = ("ohlcv", "funding", "book")
+TIMEFRAME_UNITS_MS = {"s": 1_000, "m": 60_000, "h": 3_600_000, "d": 86_400_000, "w": 604_800_000}
+
+
+def timeframe_ms(timeframe: str) -> int:
+    """Length of a ccxt timeframe string in milliseconds (``'1m'`` -> 60000)."""
+    unit = timeframe[-1:]
+    amount = timeframe[:-1]
+    if unit not in TIMEFRAME_UNITS_MS or not amount.isdigit() or int(amount) <= 0:
+        raise ConfigError(f"invalid timeframe {timeframe!r}; expected e.g. '1m', '5m', '1h', '1d'")
+    return int(amount) * TIMEFRAME_UNITS_MS[unit]
+
+
+def parse_utc_ms(value: str | int | datetime, what: str = "time") -> int:
+    """ISO-8601 (naive = UTC) or epoch-ms -> UTC epoch milliseconds."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: expected an ISO-8601 time or epoch ms, got {value!r}")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, datetime):
+        dt = value
+    else:
+        try:
+            dt = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        except ValueError as e:
+            raise ConfigError(f"{what}: {value!r} is not an ISO-8601 time (e.g. 2024-01-01T00:00)") from e
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return int(dt.timestamp() * 1000)
+
+
+def known_ccxt_exchanges() -> frozenset[str]:
+    import ccxt  # local: only configs naming ccxt exchanges pay for the import
+
+    return frozenset(ccxt.exchanges)
+
+
+def check_exchange_id(exchange: str, where: str) -> None:
+    """Raise ConfigError when ``exchange`` is not a ccxt exchange id, suggesting the closest one."""
+    known = known_ccxt_exchanges()
+    if exchange not in known:
+        close = difflib.get_close_matches(exchange, sorted(known), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{where}: unknown ccxt exchange id {exchange!r}{hint}")
+
+
+@dataclass(frozen=True)
+class MarketParams:
+    """What to backfill: which source, exchanges, symbols, window and data kinds."""
+
+    source: str = "synthetic"
+    exchanges: tuple[str, ...] = ("binanceusdm", "bybit")
+    symbols: tuple[str, ...] = ("BTC/USDT:USDT", "ETH/USDT:USDT", "SOL/USDT:USDT")
+    timeframe: str = "1m"
+    since: str = "2024-01-01T00:00"
+    until: str = "2024-01-31T00:00"
+    kinds: tuple[str, ...] = ("ohlcv", "funding", "book")
+    data_dir: str = "data/raw"
+    reports_dir: str = "reports"
+    # exchange id -> base URL (testnets, proxies, a local stub): every API URL is re-pointed there.
+    api_urls: dict[str, str] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        if self.source not in SOURCES:
+            raise ConfigError(f"market.source: {self.source!r} is not one of {SOURCES}")
+        if not self.symbols:
+            raise ConfigError("market.symbols: the symbol list is empty")
+        if not self.exchanges:
+            raise ConfigError("market.exchanges: the exchange list is empty")
+        for kind in self.kinds:
+            if kind not in DATA_KINDS:
+                raise ConfigError(f"market.kinds: {kind!r} is not one of {DATA_KINDS}")
+        timeframe_ms(self.timeframe)
+        if self.since_ms >= self.until_ms:
+            raise ConfigError(f"market.since ({self.since}) must be before market.until ({self.until})")
+        if self.source == "ccxt":
+            for ex in self.exchanges:
+                check_exchange_id(ex, "market.exchanges")
+
+    @property
+    def since_ms(self) -> int:
+        return parse_utc_ms(self.since, "market.since")
+
+    @property
+    def until_ms(self) -> int:
+        return parse_utc_ms(self.until, "market.until")
+
+
+@dataclass(frozen=True)
+class FetchParams:
+    """How the ccxt source talks to an exchange: pages, timeouts and the retry budget."""
+
+    page_limit: int = 1000
+    timeout_ms: int = 10_000
+    max_retry_seconds: float = 60.0
+    backoff_base_seconds: float = 0.5
+    backoff_max_seconds: float = 20.0
+    flush_every_pages: int = 20
+    book_levels: int = 20
+    rate_limit_ms: int = 0  # 0 = ccxt's own per-exchange rate limit
+
+    def validate(self) -> None:
+        for name in ("page_limit", "timeout_ms", "flush_every_pages", "book_levels"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"fetch.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_retry_seconds", "backoff_base_seconds", "backoff_max_seconds", "rate_limit_ms"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"fetch.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    """The embedded seeded market used when offline (the default source)."""
+
+    seed: int = 7
+    start: str = "2024-01-01T00:00"
+    days: int = 30
+    exchanges: tuple[str, ...] = ("binance", "bybit")
+    bases: tuple[str, ...] = ("BTC", "ETH", "SOL")
+    quote: str = "USDT"
+    funding_interval_hours: int = 8
+    book_interval_minutes: int = 15
+    book_levels: int = 10
+
+    def validate(self) -> None:
+        if self.days <= 0:
+            raise ConfigError(f"synthetic.days must be > 0, got {self.days}")
+        if len(self.exchanges) < 1 or not self.bases:
+            raise ConfigError("synthetic.exchanges and synthetic.bases must not be empty")
+        for name in ("funding_interval_hours", "book_interval_minutes", "book_levels"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"synthetic.{name} must be > 0, got {getattr(self, name)}")
+        parse_utc_ms(self.start, "synthetic.start")
+
+
+@dataclass(frozen=True)
+class CollectParams:
+    """Live order-book collection."""
+
+    interval_seconds: float = 10.0
+    levels: int = 20
+
+    def validate(self) -> None:
+        if self.interval_seconds <= 0:
+            raise ConfigError(f"collect.interval_seconds must be > 0, got {self.interval_seconds}")
+        if self.levels <= 0:
+            raise ConfigError(f"collect.levels must be > 0, got {self.levels}")
+
+
+@dataclass(frozen=True)
+class ValidationParams:
+    """Thresholds of the great-expectations gate."""
+
+    max_abs_log_return: float = 0.25  # per bar; larger moves are 'absurd jumps'
+    max_abs_funding_rate: float = 0.05  # per funding interval, as a fraction
+    funding_interval_hours: int = 8
+    funding_time_tolerance_ms: int = 60_000  # exchanges stamp funding a few ms after the hour
+    examples: int = 5  # how many offending rows a failure report shows
+
+    def validate(self) -> None:
+        if self.max_abs_log_return <= 0 or self.max_abs_funding_rate <= 0:
+            raise ConfigError("validation thresholds must be > 0")
+        if self.funding_interval_hours <= 0:
+            raise ConfigError("validation.funding_interval_hours must be > 0")
+
+
+@dataclass(frozen=True)
+class Params:
+    market: MarketParams = field(default_factory=MarketParams)
+    fetch: FetchParams = field(default_factory=FetchParams)
+    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+    collect: CollectParams = field(default_factory=CollectParams)
+    validation: ValidationParams = field(default_factory=ValidationParams)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
+        return _build(tp, value, path)  # type: ignore[arg-type]
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, list | tuple):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        (item_tp, _) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping, got {value!r}")
+        _, val_tp = typing.get_args(tp)
+        return {str(k): _coerce(v, val_tp, f"{path}.{k}") for k, v in value.items()}
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}: {value!r} does not fit {tp}")
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{path}: expected null, got {value!r}")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, datetime):
+            return value.isoformat()
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type[Any], data: Mapping[str, Any], path: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean {(path + '.' if path else '') + close[0]!r}?" if close else ""
+            valid = ", ".join(names)
+            raise ConfigError(f"unknown key {where!r}{hint} (valid keys here: {valid})")
+        kwargs[key] = _coerce(value, hints[key], where)
+    return cls(**kwargs)
+
+
+def params_from_dict(data: Mapping[str, Any] | None) -> Params:
+    """Build and validate :class:`Params` from a mapping shaped like params.yaml."""
+    params: Params = _build(Params, data or {}, "")
+    params.validate()
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Load params.yaml (a missing file means all defaults) into validated frozen dataclasses."""
+    p = Path(path)
+    if not p.exists():
+        return params_from_dict({})
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{p}: the top level must be a mapping of sections")
+    return params_from_dict(data)
+
+
+def replace_section(params: Params, section: str, **changes: Any) -> Params:
+    """A copy of ``params`` with fields of one section changed (CLI overrides), re-validated."""
+    current = getattr(params, section)
+    data = dataclasses.asdict(current)
+    data.update({k: v for k, v in changes.items() if v is not None})
+    new_section = _build(type(current), data, section)
+    out = dataclasses.replace(params, **{section: new_section})
+    out.validate()
+    return out
