@@ -190,12 +190,135 @@ class ValidationParams:
 
 
 @dataclass(frozen=True)
+class SnapshotParams:
+    """Market snapshots rebuilt from stored candles, funding and books (issue 3, step 1)."""
+
+    interval_minutes: int = 5
+    btc_base: str = "BTC"
+    regime_lookback_hours: int = 72  # BTC trailing return window for the regime
+    bull_threshold: float = 0.03  # trailing return above -> "Bull"
+    bear_threshold: float = -0.03  # trailing return below -> "Bear"; between -> "Ranging"
+    book_max_age_minutes: int = 60  # older book snapshots are ignored (volume proxy instead)
+    proxy_depth_fraction: float = 0.001  # proxy depth = this fraction of 24 h USD volume
+    proxy_spread_bps: float = 2.0  # proxy spread when no book: this floor, widened by volatility
+
+    def validate(self) -> None:
+        for name in ("interval_minutes", "regime_lookback_hours", "book_max_age_minutes"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"snapshots.{name} must be > 0, got {getattr(self, name)}")
+        if not self.bear_threshold < self.bull_threshold:
+            raise ConfigError("snapshots.bear_threshold must be below snapshots.bull_threshold")
+        if self.proxy_depth_fraction <= 0 or self.proxy_spread_bps < 0:
+            raise ConfigError("snapshots.proxy_depth_fraction must be > 0 and proxy_spread_bps >= 0")
+
+
+@dataclass(frozen=True)
+class OpportunityParams:
+    """Which funding-arbitrage opportunities are detected, and their minimum thresholds."""
+
+    strategies: tuple[str, ...] = ("spot_perp", "cross_exchange")
+    allow_short_spot: bool = False  # reverse cash-and-carry (short spot / long perp) on negative funding
+    min_fund_apr_pct: float = 5.0  # annualised funding income of the pair, percent
+    min_volume_24h_usd: float = 1_000_000.0
+    max_bid_ask_spread_pct: float = 0.5
+    min_depth_usd: float = 10_000.0
+    high_liquidity_depth_usd: float = 250_000.0  # liquidity_status "high" at or above
+    medium_liquidity_depth_usd: float = 50_000.0  # "medium" at or above, else "low"
+
+    def validate(self) -> None:
+        for s in self.strategies:
+            if s not in ("spot_perp", "cross_exchange"):
+                raise ConfigError(f"opportunities.strategies: {s!r} is not spot_perp or cross_exchange")
+        if not self.strategies:
+            raise ConfigError("opportunities.strategies: the list is empty")
+        for name in ("min_volume_24h_usd", "max_bid_ask_spread_pct", "min_depth_usd"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"opportunities.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class SimulateParams:
+    """Position simulation: hold durations, size, costs (issue 3, step 3)."""
+
+    hold_hours: tuple[int, ...] = (1, 4, 8, 12, 24, 48, 72, 120, 168)
+    position_usd: float = 10_000.0  # notional per leg
+    taker_fee_bps: dict[str, float] = field(
+        default_factory=lambda: {"binance": 4.0, "binanceusdm": 4.0, "bybit": 5.5, "default": 5.0}
+    )
+    # Slippage = half the bid-ask spread x a multiplier chosen by position size / book depth:
+    # below tiers[0] -> multipliers[0], ..., at or above tiers[-1] -> multipliers[-1].
+    slippage_tiers: tuple[float, ...] = (0.01, 0.05, 0.10)
+    slippage_multipliers: tuple[float, ...] = (1.0, 1.5, 2.5, 5.0)
+    chunk_positions: int = 250_000  # positions per vectorised chunk (bounds memory)
+
+    def validate(self) -> None:
+        if not self.hold_hours:
+            raise ConfigError("simulate.hold_hours: the list is empty")
+        if any(h <= 0 for h in self.hold_hours):
+            raise ConfigError(f"simulate.hold_hours must all be > 0, got {list(self.hold_hours)}")
+        if self.position_usd <= 0:
+            raise ConfigError(f"simulate.position_usd must be > 0, got {self.position_usd}")
+        if len(self.slippage_multipliers) != len(self.slippage_tiers) + 1:
+            raise ConfigError("simulate.slippage_multipliers needs exactly one more entry than slippage_tiers")
+        if list(self.slippage_tiers) != sorted(self.slippage_tiers):
+            raise ConfigError("simulate.slippage_tiers must be increasing")
+        if any(v < 0 for v in self.taker_fee_bps.values()):
+            raise ConfigError("simulate.taker_fee_bps values must be >= 0")
+        if self.chunk_positions <= 0:
+            raise ConfigError("simulate.chunk_positions must be > 0")
+
+    def fee_bps(self, exchange: str) -> float:
+        return self.taker_fee_bps.get(exchange, self.taker_fee_bps.get("default", 5.0))
+
+
+@dataclass(frozen=True)
+class OpportunityModelParams:
+    """XGBoost profit / success / hold-duration models, their split, evaluation and sizing."""
+
+    n_estimators: int = 600
+    max_depth: int = 6
+    learning_rate: float = 0.05
+    subsample: float = 0.8
+    colsample_bytree: float = 0.8
+    min_child_weight: float = 1.0
+    early_stopping_rounds: int = 50
+    n_jobs: int = 2
+    random_state: int = 42
+    train_frac: float = 0.6
+    valid_frac: float = 0.2  # test = the rest; purge gaps between the three
+    purge_hours: float = 0.0  # 0 = the longest simulated hold (the minimum that avoids leakage)
+    top_k: int = 20  # opportunities picked per evaluation period by each scorer
+    # composite = w_profit * predicted_profit_pct * success_probability / sqrt(hold_hours / 24) ...
+    composite_profit_weight: float = 1.0
+    composite_success_weight: float = 1.0
+    kelly_fraction: float = 0.25  # fractional Kelly multiplier
+    kelly_cap: float = 0.2  # never size above this fraction of capital
+
+    def validate(self) -> None:
+        for name in ("n_estimators", "max_depth", "early_stopping_rounds", "n_jobs", "top_k"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"opportunity_model.{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.learning_rate <= 1:
+            raise ConfigError(f"opportunity_model.learning_rate must be in (0, 1], got {self.learning_rate}")
+        if not (0 < self.train_frac < 1 and 0 < self.valid_frac < 1 and self.train_frac + self.valid_frac < 1):
+            raise ConfigError("opportunity_model.train_frac + valid_frac must be < 1 and each in (0, 1)")
+        if self.purge_hours < 0:
+            raise ConfigError(f"opportunity_model.purge_hours must be >= 0, got {self.purge_hours}")
+        if not (0 < self.kelly_fraction <= 1 and 0 < self.kelly_cap <= 1):
+            raise ConfigError("opportunity_model.kelly_fraction and kelly_cap must be in (0, 1]")
+
+
+@dataclass(frozen=True)
 class Params:
     market: MarketParams = field(default_factory=MarketParams)
     fetch: FetchParams = field(default_factory=FetchParams)
     synthetic: SyntheticParams = field(default_factory=SyntheticParams)
     collect: CollectParams = field(default_factory=CollectParams)
     validation: ValidationParams = field(default_factory=ValidationParams)
+    snapshots: SnapshotParams = field(default_factory=SnapshotParams)
+    opportunities: OpportunityParams = field(default_factory=OpportunityParams)
+    simulate: SimulateParams = field(default_factory=SimulateParams)
+    opportunity_model: OpportunityModelParams = field(default_factory=OpportunityModelParams)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):

@@ -17,7 +17,6 @@ so a reader or a crash never sees half a file, and merging de-duplicates on the 
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from cryptoml.atomic import atomic_path, atomic_write_bytes
 from cryptoml.errors import DataValidationError
+
+__all__ = ["KINDS", "SCHEMAS", "DatasetKey", "ParquetStore", "atomic_write_bytes", "market_of", "symbol_slug"]
 
 Kind = Literal["ohlcv", "funding", "book"]
 KINDS: tuple[Kind, ...] = ("ohlcv", "funding", "book")
@@ -132,17 +134,8 @@ def to_table(df: pd.DataFrame, kind: str, metadata: Mapping[str, str] | None = N
 
 def atomic_write_table(table: pa.Table, path: Path) -> None:
     """Write a Parquet file so that ``path`` holds either the old file or the whole new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd", write_statistics=True)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def normalise(df: pd.DataFrame, kind: str) -> pd.DataFrame:
@@ -178,6 +171,7 @@ class ParquetStore:
     def append(self, key: DatasetKey, df: pd.DataFrame, metadata: Mapping[str, str] | None = None) -> Path:
         """Merge ``df`` into the stored dataset without duplicates (new rows win on equal keys)."""
         if self.exists(key):
+            to_table(df, key.kind)  # fail on a malformed frame before touching the stored data
             old = self.read(key)
             merged_meta = {**self.metadata(key), **(metadata or {})}
             df = pd.concat([old, df[SCHEMAS[key.kind].names]], ignore_index=True)
