@@ -226,7 +226,7 @@ class ParquetStore:
                 yield DatasetKey(
                     exchange=meta[f"{META_PREFIX}exchange"],
                     symbol=meta[f"{META_PREFIX}symbol"],
-                    kind=meta[f"{META_PREFIX}kind"],  # type: ignore[arg-type]
+                    kind=meta[f"{META_PREFIX}kind"],
                     timeframe=meta.get(f"{META_PREFIX}timeframe", ""),
                 )
             except KeyError:

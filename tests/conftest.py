@@ -1,0 +1,35 @@
+"""Suite-wide settings: Prefect and DVC stay local and quiet; shared real data is located once."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ["DVC_NO_ANALYTICS"] = "1"
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="cryptoml-prefect-"))
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def shared_file(name: str) -> Path:
+    """A file of ../shared/data, or skip the test saying which file is absent."""
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.skip(f"real market data {name} not found in {SHARED_DATA} (the shared data folder is absent)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect API for the whole session (~10 s once)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
