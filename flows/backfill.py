@@ -31,8 +31,15 @@ def backfill_flow(
     params = params_with(
         params_path,
         market={
-            "source": source, "exchanges": exchanges, "symbols": symbols, "timeframe": timeframe,
-            "since": since, "until": until, "kinds": kinds, "api_urls": api_urls, "data_dir": data_dir,
+            "source": source,
+            "exchanges": exchanges,
+            "symbols": symbols,
+            "timeframe": timeframe,
+            "since": since,
+            "until": until,
+            "kinds": kinds,
+            "api_urls": api_urls,
+            "data_dir": data_dir,
         },
     )
     market = params.market
@@ -45,8 +52,9 @@ def backfill_flow(
             raise ConfigError("--source files needs --path FILE")
         kind = "funding" if market.kinds == ("funding",) else "ohlcv"
         results = [
-            backfill_from_file(path, market.data_dir, market.exchanges[0], market.symbols[0], kind,
-                               market.timeframe, mapping or {})
+            backfill_from_file(
+                path, market.data_dir, market.exchanges[0], market.symbols[0], kind, market.timeframe, mapping or {}
+            )
         ]
     else:
         futures = [

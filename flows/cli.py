@@ -82,8 +82,17 @@ def backfill(
         from flows.backfill import backfill_flow
 
         return backfill_flow(
-            params_path=params, source=source, exchanges=exchange, symbols=symbol, timeframe=timeframe,
-            since=since, until=until, kinds=kind, api_url=api_url, data_dir=data_dir, path=path,
+            params_path=params,
+            source=source,
+            exchanges=exchange,
+            symbols=symbol,
+            timeframe=timeframe,
+            since=since,
+            until=until,
+            kinds=kind,
+            api_url=api_url,
+            data_dir=data_dir,
+            path=path,
             mapping=parse_mapping(map_),
         )
 
@@ -130,12 +139,81 @@ def collect(
         from flows.collect import collect_flow
 
         return collect_flow(
-            params_path=params, exchange=exchange, symbols=symbol, api_url=api_url,
-            interval_seconds=interval, levels=levels, rounds=rounds,
+            params_path=params,
+            exchange=exchange,
+            symbols=symbol,
+            api_url=api_url,
+            interval_seconds=interval,
+            levels=levels,
+            rounds=rounds,
         )
 
     result = run_guarded(body)
     typer.echo(json.dumps(result))
+
+
+def _stage(flow_attr: str, params: str) -> dict[str, Any]:
+    def body() -> dict[str, Any]:
+        import flows.opportunity as stages
+
+        result: dict[str, Any] = getattr(stages, flow_attr)(params_path=params)
+        return result
+
+    return run_guarded(body)
+
+
+@app.command()
+def snapshots(params: ParamsOpt = "params.yaml") -> None:
+    """Rebuild 5-minute market snapshots and detect funding-arbitrage opportunities."""
+    r = _stage("snapshots_flow", params)
+    typer.echo(f"snapshots: {r['snapshots']} rows, {r['opportunities']} opportunities {r['by_strategy']}")
+
+
+@app.command()
+def simulate(params: ParamsOpt = "params.yaml") -> None:
+    """Simulate every opportunity at every hold duration -> data/positions.parquet."""
+    r = _stage("simulate_flow", params)
+    typer.echo(
+        f"simulate: {r['positions']} positions -> data/positions.parquet "
+        f"({r['dropped_past_data']} dropped past the data, {r['dropped_gap']} across gaps)"
+    )
+
+
+@app.command()
+def features(params: ParamsOpt = "params.yaml") -> None:
+    """Entry-time opportunity features of every simulated position."""
+    r = _stage("opportunity_features_flow", params)
+    typer.echo(f"features: {r['rows']} rows x {r['features']} features -> data/opportunity_features.parquet")
+
+
+@app.command()
+def train(params: ParamsOpt = "params.yaml") -> None:
+    """Train the profit / success / hold-duration models and compare ML with the rule-based scorer."""
+    r = _stage("train_opportunity_flow", params)
+    print_ml_vs_rule(r)
+
+
+def print_ml_vs_rule(r: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="Opportunity scoring on the test window: ML vs rule (top-k per day)")
+    for col in ("scorer", "precision@k", "mean profit of picks %", "success AUC"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        "ML (composite)",
+        f"{r['ml_precision_at_k']:.3f}",
+        f"{r['ml_topk_mean_profit_pct']:+.4f}",
+        f"{r['success_auc']:.3f}",
+    )
+    table.add_row(
+        "rule (apr, break-even)",
+        f"{r['rule_precision_at_k']:.3f}",
+        f"{r['rule_topk_mean_profit_pct']:+.4f}",
+        f"{r['rule_auc_fund_apr']:.3f}",
+    )
+    table.add_row("all entries", "", f"{r['all_entries_mean_profit_pct']:+.4f}", "")
+    Console().print(table)
 
 
 @app.command()
@@ -172,6 +250,14 @@ def summary(params: ParamsOpt = "params.yaml") -> None:
             v = json.loads(validation_report.read_text())
             status = "passed" if v.get("success") else "FAILED"
             typer.echo(f"validation: {validation_report}  ({status})")
+        positions = Path("data/positions.parquet")
+        if positions.exists():
+            typer.echo(f"positions:  {positions}  (simulated funding-arbitrage positions)")
+        train_report = reports / "train_opportunity.json"
+        if train_report.exists():
+            typer.echo(f"models:     models/opportunity/  (reports in {reports}/opportunity/)")
+            print_ml_vs_rule(json.loads(train_report.read_text()))
+            typer.echo("MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db")
 
     run_guarded(body)
 

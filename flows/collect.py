@@ -23,7 +23,9 @@ def collect_flow(
     params = params_with(
         params_path,
         market={
-            "source": "ccxt", "exchanges": [exchange] if exchange else None, "symbols": symbols,
+            "source": "ccxt",
+            "exchanges": [exchange] if exchange else None,
+            "symbols": symbols,
             "api_urls": {exchange: api_url} if (api_url and exchange) else None,
         },
         collect={"interval_seconds": interval_seconds, "levels": levels},

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
+from prefect.logging.handlers import PrefectConsoleHandler
+
 from cryptoml.config import Params, load_params, replace_section
+from cryptoml.errors import CryptoMLError
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -17,3 +21,33 @@ def params_with(params_path: str, **sections: dict[str, Any] | None) -> Params:
         if changes and any(v is not None for v in changes.values()):
             params = replace_section(params, section, **changes)
     return params
+
+
+class ProjectErrorsWithoutTraceback(logging.Filter):
+    """Drop the traceback of a project error (CryptoMLError) from Prefect's console log lines.
+
+    Prefect logs a failed task or flow run with the whole exception chain (a ccxt 503 is ~200 lines); for
+    the project's own errors the CLI prints one line naming the error, so the console keeps only Prefect's
+    one-line messages. The Prefect API still receives the traceback: run loggers hand the record to their
+    API handler before it propagates to the root's console handler, the last to see it. Any other
+    exception is a bug and keeps its traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], CryptoMLError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def quiet_project_error_tracebacks() -> None:
+    """Attach :class:`ProjectErrorsWithoutTraceback` to Prefect's console handlers (idempotent)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, PrefectConsoleHandler) and not any(
+            isinstance(f, ProjectErrorsWithoutTraceback) for f in handler.filters
+        ):
+            handler.addFilter(ProjectErrorsWithoutTraceback())
+
+
+# Importing prefect configured its logging; every flow module imports this one.
+quiet_project_error_tracebacks()

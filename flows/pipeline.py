@@ -7,6 +7,7 @@ from typing import Any
 from prefect import flow
 
 from flows.backfill import backfill_flow
+from flows.opportunity import opportunity_features_flow, simulate_flow, snapshots_flow, train_opportunity_flow
 from flows.validate import validate_flow
 
 
@@ -14,7 +15,18 @@ from flows.validate import validate_flow
 def pipeline_flow(params_path: str = "params.yaml") -> dict[str, Any]:
     backfill = backfill_flow(params_path=params_path)
     validation = validate_flow(params_path=params_path)
-    return {"backfill": backfill, "validate": validation}
+    snapshots = snapshots_flow(params_path=params_path)
+    simulate = simulate_flow(params_path=params_path)
+    features = opportunity_features_flow(params_path=params_path)
+    train = train_opportunity_flow(params_path=params_path)
+    return {
+        "backfill": backfill,
+        "validate": validation,
+        "snapshots": snapshots,
+        "simulate": simulate,
+        "opportunity_features": features,
+        "train_opportunity": train,
+    }
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ def backfill_synthetic(synthetic: SyntheticParams, data_dir: str) -> list[dict[s
     advance(len(paths))
     log.info("SYNTHETIC market (seed %s) written: %d files under %s", synthetic.seed, len(paths), data_dir)
     out = []
-    for key in store.keys():
+    for key in store.datasets():
         rows = len(store.read(key))
         out.append(BackfillResult(key, str(store.path(key)), rows, rows, "synthetic").to_dict())
     return out
@@ -58,13 +58,26 @@ def backfill_from_exchange(
     advance = track(f"{exchange} {symbol} {kind}")
     if kind == "ohlcv":
         result = backfill_ohlcv(
-            source, store, exchange, symbol, market.timeframe, market.since_ms, market.until_ms,
-            flush_every_pages=fetch.flush_every_pages, on_page=advance,
+            source,
+            store,
+            exchange,
+            symbol,
+            market.timeframe,
+            market.since_ms,
+            market.until_ms,
+            flush_every_pages=fetch.flush_every_pages,
+            on_page=advance,
         )
     elif kind == "funding":
         result = backfill_funding(
-            source, store, exchange, symbol, market.since_ms, market.until_ms,
-            flush_every_pages=fetch.flush_every_pages, on_page=advance,
+            source,
+            store,
+            exchange,
+            symbol,
+            market.since_ms,
+            market.until_ms,
+            flush_every_pages=fetch.flush_every_pages,
+            on_page=advance,
         )
     else:
         frame = source.fetch_book(exchange, symbol, fetch.book_levels)
@@ -72,8 +85,9 @@ def backfill_from_exchange(
         path = store.append(key, frame, {"source": "ccxt"})
         result = BackfillResult(key, str(path), len(frame), len(store.read(key)), "ccxt")
     if result.missing_bars:
-        log.warning("%s: %d candles missing in %d gaps (not filled)", result.key.label(), result.missing_bars,
-                    len(result.gaps))
+        log.warning(
+            "%s: %d candles missing in %d gaps (not filled)", result.key.label(), result.missing_bars, len(result.gaps)
+        )
     log.info("%s: +%d rows, %d stored", result.key.label(), result.rows_added, result.rows_total)
     return result.to_dict()
 
@@ -135,8 +149,13 @@ def collect(
 
     source = ccxt_source(fetch, dict(market.api_urls))
     result = collect_books(
-        source, ParquetStore(market.data_dir), exchange, list(market.symbols),
-        levels=collect_params.levels, interval_seconds=collect_params.interval_seconds, rounds=rounds,
+        source,
+        ParquetStore(market.data_dir),
+        exchange,
+        list(market.symbols),
+        levels=collect_params.levels,
+        interval_seconds=collect_params.interval_seconds,
+        rounds=rounds,
         on_round=track(f"books {exchange}", total=rounds),
     )
     return {"rounds": result.rounds, "snapshots": result.snapshots, "failures": result.failures}

@@ -217,7 +217,7 @@ class ParquetStore:
             best = int(stats.max) if best is None else max(best, int(stats.max))
         return best
 
-    def keys(self) -> Iterator[DatasetKey]:
+    def datasets(self) -> Iterator[DatasetKey]:
         """Every dataset under the root, read back from each file's metadata."""
         for path in sorted(self.root.glob("*/*/*/*.parquet")):
             raw = pq.read_schema(path).metadata or {}

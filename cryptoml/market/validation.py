@@ -506,7 +506,7 @@ def validate_store(
 ) -> list[ValidationReport]:
     """Validate every dataset of ``store`` (or only ``keys``), in key order. Missing keys raise."""
     reports = []
-    for key in list(store.keys()) if keys is None else list(keys):
+    for key in list(store.datasets()) if keys is None else list(keys):
         meta = store.metadata(key) if store.exists(key) else {}
         if not meta:
             raise DataValidationError(f"no stored data for {key.label()} (expected {store.path(key)})")

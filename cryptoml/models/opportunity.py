@@ -370,13 +370,15 @@ def train_opportunity_models(
     params: OpportunityModelParams,
     sim: SimulateParams,
     out_dir: Path,
+    features: pd.DataFrame | None = None,
 ) -> TrainResult:
     """Fit the profit, success and hold models on simulated positions; evaluate on the test window.
 
     ``positions``: the "Simulated positions" table (one row per opportunity x hold). The purge gap is
     ``params.purge_hours`` or, when 0, the longest hold of ``sim.hold_hours`` and of the table. Writes
     ``importance.csv``, ``shap_summary.png``, ``calibration.png``, ``ml_vs_rule.csv`` and
-    ``metrics.json`` into ``out_dir``.
+    ``metrics.json`` into ``out_dir``. ``features``: the precomputed ``opportunity_features(positions)``
+    (the ``opportunity_features`` stage's output), checked for column order and length.
     """
     positions = _check_positions(positions)
     longest_h = max(max(sim.hold_hours), float(positions["hold_hours"].max()))
@@ -386,7 +388,15 @@ def train_opportunity_models(
             f"{longest_h:g} h: training labels would overlap validation entries (use 0 for the minimum)"
         )
     purge_ms = math.ceil((params.purge_hours or longest_h) * MS_PER_HOUR)
-    X = opportunity_features(positions)
+    if features is None:
+        X = opportunity_features(positions)
+    else:
+        if list(features.columns) != list(FEATURE_NAMES) or len(features) != len(positions):
+            raise DataValidationError(
+                f"precomputed features do not match the positions: {len(features)} rows x "
+                f"{list(features.columns)[:3]}... vs {len(positions)} positions x FEATURE_NAMES"
+            )
+        X = features.reset_index(drop=True)
     train, valid, test = purged_time_split(positions, params.train_frac, params.valid_frac, purge_ms)
     y_profit = positions["actual_profit_pct"].to_numpy(dtype=np.float64)
     y_won = positions["was_profitable"].to_numpy().astype(np.float64)

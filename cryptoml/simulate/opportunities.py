@@ -57,7 +57,7 @@ SHARED = ["ts_ms", "base", "next_funding_ts_ms", "ret_vol_24h", "depth_is_proxy"
 
 def _legs(snaps: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Perp and spot leg tables aligned with the snapshot rows (rates scaled to 8 h)."""
-    hours = snaps["funding_interval_hours"] if "funding_interval_hours" in snaps else REFERENCE_INTERVAL_HOURS
+    hours = snaps.get("funding_interval_hours", REFERENCE_INTERVAL_HOURS)
     scale = REFERENCE_INTERVAL_HOURS / hours
     shared = snaps[SHARED]
     perp = shared.assign(

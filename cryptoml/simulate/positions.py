@@ -21,12 +21,14 @@ same model written as a plain loop; the tests hold both to 1e-9):
   costs excluded). peak_profit_pct = its max; max_drawdown_pct = the largest fall from a running peak.
 - Dropped, never truncated: exit after a leg's last bar close, or after a perp leg's last settlement +
   one funding interval -> ``dropped_past_data``; no bar at most ``MAX_BAR_AGE_MINUTES`` old at entry or
-  at exit (a data gap) -> ``dropped_gap``. ``actual_hold_hours`` therefore always equals hold_hours.
+  at exit (a data gap), or no snapshot liquidity at or before a fill -> ``dropped_gap``.
+  ``actual_hold_hours`` therefore always equals hold_hours.
 
 Speed: every series is resampled once onto a common grid (step ``mtm_step_minutes``) holding the close,
-bar age, cumulative funding and latest liquidity; a position then reads O(1) cells per output, and the
-path of an opportunity is one contiguous row of a sliding-window view, shared by all of its holds (peak
-and drawdown are prefix maxima, read at each hold's exit). Opportunities are processed in chunks.
+bar age, cumulative funding and latest liquidity; a position then reads O(1) cells per output. The path
+of an opportunity is one row of a sliding-window view over that grid, shared by all of its holds; its
+running peak and drawdown come from a blocked scan over one-hour blocks (``_path_extremes``), run on
+cache-sized blocks of opportunities. Python loops run per chunk, per hold and per step of an hour only.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ from cryptoml.simulate.snapshots import (
 )
 
 MTM_STEP_MINUTES = 5  # mark-to-market grid (not yet a SimulateParams knob)
-MAX_PATH_CELLS = 262_144  # cells of one (opportunities x path) float64 block: 2 MB, cache-sized
+MAX_PATH_CELLS = 65_536  # cells of one (opportunities x path) float64 block: 512 KB, fits in L2
 OUTPUT_COLUMNS = [
     "hold_hours", "actual_hold_hours", "actual_profit_pct", "actual_profit_usd", "was_profitable",
     "peak_profit_pct", "max_drawdown_pct", "funding_payments_count", "total_funding_usd", "slippage_pct",
@@ -323,6 +325,7 @@ def simulate_positions(
         ss0 = slippage_frac(grid.spread_pct[ish], grid.depth_usd[ish], pos, params)
         qty_l, qty_s = pos / pl0, pos / ps0
         entry_ok = inside & (grid.age_ms[il] <= max_age) & (grid.age_ms[ish] <= max_age)
+        entry_ok &= ~(np.isnan(sl0) | np.isnan(ss0))
         entry_slip = qty_l * pl0 * sl0 + qty_s * ps0 * ss0
         entry_fees = fl * qty_l * pl0 * (1 + sl0) + fs * qty_s * ps0 * (1 - ss0)
 
@@ -341,10 +344,11 @@ def simulate_positions(
             jl, js = il + int(hold) * per_hour, ish + int(hold) * per_hour
             past = (exit_ts > grid.end_ms[code_l[sl]]) | (exit_ts > grid.end_ms[code_s[sl]])
             exit_ok = (grid.age_ms[jl] <= max_age) & (grid.age_ms[js] <= max_age)
-            status[sl, h] = np.where(past, 1, np.where(entry_ok & exit_ok, 0, 2))
             pl1, ps1 = grid.close[jl], grid.close[js]
             sl1 = slippage_frac(grid.spread_pct[jl], grid.depth_usd[jl], pos, params)
             ss1 = slippage_frac(grid.spread_pct[js], grid.depth_usd[js], pos, params)
+            exit_ok &= ~(np.isnan(sl1) | np.isnan(ss1))
+            status[sl, h] = np.where(past, 1, np.where(entry_ok & exit_ok, 0, 2))
             price_pnl = qty_l * (pl1 * (1 - sl1) - pl0 * (1 + sl0)) + qty_s * (ps0 * (1 - ss0) - ps1 * (1 + ss1))
             funding_usd = qty_s * (grid.fcum[js] - grid.fcum[ish]) - qty_l * (grid.fcum[jl] - grid.fcum[il])
             fees = entry_fees + fl * qty_l * pl1 * (1 - sl1) + fs * qty_s * ps1 * (1 + ss1)

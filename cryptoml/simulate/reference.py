@@ -10,13 +10,29 @@ from __future__ import annotations
 import math
 from bisect import bisect_right
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from cryptoml.config import SimulateParams
 from cryptoml.market.store import market_of
-from cryptoml.simulate.positions import MTM_STEP_MINUTES, FundingEvents, PricePaths, PriceSeries
+from cryptoml.simulate.positions import MTM_STEP_MINUTES, FundingEvents, FundingSeries, PricePaths, PriceSeries
 from cryptoml.simulate.slippage import fee_frac, slippage_frac_one
 from cryptoml.simulate.snapshots import HOUR_MS, MAX_BAR_AGE_MINUTES, MINUTE_MS
+
+
+@dataclass(frozen=True)
+class _Leg:
+    """One leg at entry: side +1 long / -1 short, closes p0/p1 and slippage fractions s0/s1 at entry/exit."""
+
+    side: int
+    series: PriceSeries
+    funding: FundingSeries | None
+    fee: float
+    p0: float
+    p1: float
+    s0: float
+    s1: float
+    qty: float
 
 
 def _close_at(series: PriceSeries, t: int) -> tuple[float, int] | None:
@@ -47,8 +63,7 @@ def simulate_one(
     entry = int(opportunity_row["ts_ms"])
     exit_ = entry + int(hold_hours) * HOUR_MS
     max_age = MAX_BAR_AGE_MINUTES * MINUTE_MS
-    # side +1 = long, -1 = short
-    legs = [
+    legs: list[tuple[int, str, str]] = [
         (+1, opportunity_row["long_exchange"], opportunity_row["long_symbol"]),
         (-1, opportunity_row["short_exchange"], opportunity_row["short_symbol"]),
     ]
@@ -56,49 +71,50 @@ def simulate_one(
         if exit_ > prices.get(exchange, symbol).close_ts_ms[-1]:
             return {"status": "dropped_past_data"}
         if market_of(symbol) == "swap":
-            f = funding.get(exchange, symbol)
-            if exit_ > f.ts_ms[-1] + f.interval_ms:
+            settlements = funding.get(exchange, symbol)
+            if exit_ > settlements.ts_ms[-1] + settlements.interval_ms:
                 return {"status": "dropped_past_data"}
-    state = []
+    state: list[_Leg] = []
     for side, exchange, symbol in legs:
         series = prices.get(exchange, symbol)
         at_entry, at_exit = _close_at(series, entry), _close_at(series, exit_)
         if at_entry is None or at_exit is None or entry - at_entry[1] > max_age or exit_ - at_exit[1] > max_age:
             return {"status": "dropped_gap"}
+        s0, s1 = _slippage_at(series, entry, pos, params), _slippage_at(series, exit_, pos, params)
+        if math.isnan(s0) or math.isnan(s1):
+            return {"status": "dropped_gap"}  # no liquidity snapshot to price a fill
         state.append(
-            {
-                "side": side,
-                "series": series,
-                "funding": funding.get(exchange, symbol) if market_of(symbol) == "swap" else None,
-                "fee": fee_frac(exchange, params),
-                "p0": at_entry[0],
-                "p1": at_exit[0],
-                "s0": _slippage_at(series, entry, pos, params),
-                "s1": _slippage_at(series, exit_, pos, params),
-                "qty": pos / at_entry[0],
-            }
+            _Leg(
+                side=side,
+                series=series,
+                funding=funding.get(exchange, symbol) if market_of(symbol) == "swap" else None,
+                fee=fee_frac(exchange, params),
+                p0=at_entry[0],
+                p1=at_exit[0],
+                s0=s0,
+                s1=s1,
+                qty=pos / at_entry[0],
+            )
         )
 
-    fees = slippage = price_pnl = 0.0
-    entry_costs = 0.0
+    fees = slippage = price_pnl = entry_costs = 0.0
     for leg in state:
-        side, qty = leg["side"], leg["qty"]
-        fill0 = leg["p0"] * (1 + side * leg["s0"])  # a buy pays above the close, a sell gets below it
-        fill1 = leg["p1"] * (1 - side * leg["s1"])
-        price_pnl += side * qty * (fill1 - fill0)
-        fees += leg["fee"] * qty * (fill0 + fill1)
-        slippage += qty * (leg["p0"] * leg["s0"] + leg["p1"] * leg["s1"])
-        entry_costs += leg["fee"] * qty * fill0 + qty * leg["p0"] * leg["s0"]
+        fill0 = leg.p0 * (1 + leg.side * leg.s0)  # a buy pays above the close, a sell gets below it
+        fill1 = leg.p1 * (1 - leg.side * leg.s1)
+        price_pnl += leg.side * leg.qty * (fill1 - fill0)
+        fees += leg.fee * leg.qty * (fill0 + fill1)
+        slippage += leg.qty * (leg.p0 * leg.s0 + leg.p1 * leg.s1)
+        entry_costs += leg.fee * leg.qty * fill0 + leg.qty * leg.p0 * leg.s0
 
     total_funding = 0.0
     count = 0
     for leg in state:
-        if leg["funding"] is None:
+        if leg.funding is None:
             continue
-        f, leg_count = leg["funding"], 0
-        for t, rate, mark in zip(f.ts_ms, f.rate, f.mark_price, strict=True):
+        leg_count = 0
+        for t, rate, mark in zip(leg.funding.ts_ms, leg.funding.rate, leg.funding.mark_price, strict=True):
             if entry < t <= exit_:  # at entry: not received; at exit: received
-                total_funding += -leg["side"] * rate * leg["qty"] * mark  # the short side receives rate x notional
+                total_funding += -leg.side * rate * leg.qty * mark  # the short side receives rate x notional
                 leg_count += 1
         count = max(count, leg_count)
 
@@ -111,15 +127,15 @@ def simulate_one(
         t = entry + k * step
         value = -entry_costs
         for i, leg in enumerate(state):
-            f = leg["funding"]
+            f = leg.funding
             while f is not None and next_event[i] < len(f.ts_ms) and f.ts_ms[next_event[i]] <= t:
                 j = next_event[i]
                 if f.ts_ms[j] > entry:
-                    received[i] += -leg["side"] * f.rate[j] * leg["qty"] * f.mark_price[j]
+                    received[i] += -leg.side * f.rate[j] * leg.qty * f.mark_price[j]
                 next_event[i] += 1
-            close = _close_at(leg["series"], t)
+            close = _close_at(leg.series, t)
             assert close is not None  # a bar exists at entry, hence at every later time
-            value += leg["side"] * leg["qty"] * (close[0] - leg["p0"]) + received[i]
+            value += leg.side * leg.qty * (close[0] - leg.p0) + received[i]
         peak = max(peak, value)
         drawdown = max(drawdown, peak - value)
 

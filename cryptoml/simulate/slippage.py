@@ -47,10 +47,7 @@ def slippage_frac(
 
 def slippage_frac_one(spread_pct: float, depth_usd: float, position_usd: float, params: SimulateParams) -> float:
     """The same model for one fill, written as a plain loop over the tiers (the readable specification)."""
-    if math.isnan(depth_usd) or depth_usd <= 0:
-        ratio = math.inf
-    else:
-        ratio = position_usd / depth_usd
+    ratio = math.inf if math.isnan(depth_usd) or depth_usd <= 0 else position_usd / depth_usd
     multiplier = params.slippage_multipliers[0]
     for tier, tier_multiplier in zip(params.slippage_tiers, params.slippage_multipliers[1:], strict=True):
         if ratio >= tier:

@@ -172,7 +172,9 @@ def _book_stats(df: pd.DataFrame | None, ts: np.ndarray, max_age_ms: int, what: 
     return {"ok": ok, "spread_pct": spread[j], "depth_usd": book["depth"].to_numpy(np.float64)[j]}
 
 
-def _liquidity(bars: dict[str, np.ndarray], book: dict[str, np.ndarray], p: SnapshotParams) -> tuple:
+def _liquidity(
+    bars: dict[str, np.ndarray], book: dict[str, np.ndarray], p: SnapshotParams
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(spread_pct, depth_usd, is_proxy): the book where usable, else the volume/volatility proxy."""
     proxy_spread = p.proxy_spread_bps / 100.0 + PROXY_SPREAD_VOL_MULT * np.nan_to_num(bars["ret_vol_24h"]) * 100
     proxy_depth = p.proxy_depth_fraction * bars["volume_24h_usd"]
@@ -198,7 +200,10 @@ def _funding_stats(df: pd.DataFrame, ts: np.ndarray, what: str) -> dict[str, np.
     return out
 
 
-def _btc_stats(frames: MarketFrames, exchanges: Sequence[str], quote: str, ts: np.ndarray, p: SnapshotParams):
+def _btc_stats(
+    frames: MarketFrames, exchanges: Sequence[str], quote: str, ts: np.ndarray, p: SnapshotParams
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """BTC price, 24 h USD volume, trailing return and regime at each snapshot time."""
     for symbol in (perp_symbol(p.btc_base, quote), spot_symbol(p.btc_base, quote)):
         for ex in exchanges:
             if (ex, symbol) in frames.ohlcv:
@@ -216,7 +221,10 @@ def _btc_stats(frames: MarketFrames, exchanges: Sequence[str], quote: str, ts: n
     )
 
 
-def _grid(frames: MarketFrames, perps: list[SeriesKey], step: int, start_ms: int | None, end_ms: int | None):
+def _grid(
+    frames: MarketFrames, perps: list[SeriesKey], step: int, start_ms: int | None, end_ms: int | None
+) -> np.ndarray:
+    """Snapshot times: multiples of step from the first perp bar close (or start_ms) to the last (or end_ms)."""
     first = min(int(frames.ohlcv[k]["ts_ms"].min()) for k in perps) + frames.bar_ms
     last = max(int(frames.ohlcv[k]["ts_ms"].max()) for k in perps) + frames.bar_ms
     lo = max(first, start_ms) if start_ms is not None else first
@@ -249,6 +257,8 @@ def snapshots_from_frames(
             f"no perpetual candles for bases {list(bases)} on {list(exchanges)} (quote {quote}): nothing to snapshot"
         )
     for key in perps:
+        if frames.ohlcv[key].empty:
+            raise DataValidationError(f"{key[0]} {key[1]} candles: the frame is empty")
         if key not in frames.funding or frames.funding[key].empty:
             raise DataValidationError(
                 f"{key[0]} {key[1]} has candles but no funding data: a perp needs its funding history"

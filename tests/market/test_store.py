@@ -33,7 +33,7 @@ def test_layout_and_schema(tmp_path: Path) -> None:
     assert all(schema.field(c).type == pa.float64() for c in ("open", "high", "low", "close", "volume"))
     assert store.metadata(KEY)["source"] == "test"
     assert store.metadata(KEY)["symbol"] == "BTC/USDT:USDT"
-    assert list(store.keys()) == [KEY]
+    assert list(store.datasets()) == [KEY]
 
 
 def test_append_merges_without_duplicates_new_rows_win(tmp_path: Path) -> None:

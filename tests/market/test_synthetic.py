@@ -85,7 +85,7 @@ def test_same_seed_writes_byte_identical_files_and_marks_them_synthetic(tmp_path
         assert a.relative_to(tmp_path / "a") == b.relative_to(tmp_path / "b")
         assert a.read_bytes() == b.read_bytes(), f"{a.name} differs between two runs"
     store = ParquetStore(tmp_path / "a")
-    keys = list(store.keys())
+    keys = list(store.datasets())
     assert len(keys) == 30
     for key in keys:
         meta = store.metadata(key)

@@ -1,0 +1,91 @@
+"""End-to-end fixtures: one real Prefect server per session, and the ``cryptoml`` CLI run as a subprocess.
+
+Every CLI run gets ``PREFECT_API_URL`` of the session's server (no 10-17 s ephemeral API per process), a
+PATH starting with the venv's ``bin`` (where ``cryptoml``, ``dvc`` and ``prefect`` live) and the default
+Prefect logging level, so its output is what a user sees.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support.prefect_server import PrefectServer
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+CRYPTOML = VENV_BIN / "cryptoml"
+CLI_TIMEOUT_S = 180  # a hung command fails its test instead of the whole session
+
+RunCli = Callable[..., "subprocess.CompletedProcess[str]"]
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``prefect server start`` on a free port of 127.0.0.1; yields its API URL (``.../api``)."""
+    with PrefectServer(tmp_path_factory.mktemp("prefect-server"), startup_timeout_s=90) as server:
+        yield server.api_url
+
+
+@pytest.fixture(scope="session")
+def cli_env(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment of CLI subprocesses: the session's server, the venv first on PATH, no telemetry."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(
+        PREFECT_API_URL=prefect_server,
+        PREFECT_HOME=str(tmp_path_factory.mktemp("prefect-client")),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        DO_NOT_TRACK="1",
+        DVC_NO_ANALYTICS="1",
+        PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+    )
+    return env
+
+
+@pytest.fixture()
+def run_cli(cli_env: dict[str, str]) -> RunCli:
+    """``run_cli(*args, cwd=DIR)`` -> the finished ``cryptoml`` subprocess (text stdout / stderr)."""
+
+    def run(*args: str, cwd: Path, env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(CRYPTOML), *args],
+            cwd=cwd,
+            env={**cli_env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=CLI_TIMEOUT_S,
+            check=False,
+        )
+
+    return run
+
+
+def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    """``set_dotted(d, "synthetic.days", 2)`` sets ``d["synthetic"]["days"] = 2``."""
+    *parents, leaf = dotted.split(".")
+    node = data
+    for name in parents:
+        node = node.setdefault(name, {})
+    node[leaf] = value
+
+
+def write_params(directory: Path, changes: Mapping[str, Any] | None = None, *, source: Path | None = None) -> Path:
+    """``directory/params.yaml``: the repo's params.yaml (or ``source``) with dotted-key ``changes`` applied."""
+    data = yaml.safe_load((source or ROOT / "params.yaml").read_text())
+    for dotted, value in (changes or {}).items():
+        set_dotted(data, dotted, value)
+    path = directory / "params.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def describe(proc: subprocess.CompletedProcess[str]) -> str:
+    """A failed command's exit code and output, for assertion messages."""
+    return f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
