@@ -1,7 +1,7 @@
 """Run every benchmark (or those named on the command line) and write ``bench/results.json``.
 
-    python -m bench                 # all
-    python -m bench market simulate # only bench_market.py and bench_simulate.py
+python -m bench                 # all
+python -m bench market simulate # only bench_market.py and bench_simulate.py
 """
 
 from __future__ import annotations

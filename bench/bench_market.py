@@ -41,8 +41,7 @@ def run() -> dict[str, float]:
     frame = candles[0].frame
     validate_frame(frame, "ohlcv", vparams, timeframe="1m")  # warm the GE context once
     val_s = _best(lambda: validate_frame(frame, "ohlcv", vparams, timeframe="1m"))
-    big = pd.concat([frame.assign(ts_ms=frame.ts_ms + i * len(frame) * 60_000) for i in range(12)],
-                    ignore_index=True)
+    big = pd.concat([frame.assign(ts_ms=frame.ts_ms + i * len(frame) * 60_000) for i in range(12)], ignore_index=True)
     val_big_s = _best(lambda: validate_frame(big, "ohlcv", vparams, timeframe="1m"), repeat=1)
 
     figures = {

@@ -27,6 +27,10 @@ CLI_TIMEOUT_S = 180  # a hung command fails its test instead of the whole sessio
 RunCli = Callable[..., "subprocess.CompletedProcess[str]"]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "scenario(name): the module scenario whose outcome a test checks")
+
+
 @pytest.fixture(scope="session")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real ``prefect server start`` on a free port of 127.0.0.1; yields its API URL (``.../api``)."""
@@ -49,7 +53,7 @@ def cli_env(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> di
     return env
 
 
-@pytest.fixture()
+@pytest.fixture(scope="session")
 def run_cli(cli_env: dict[str, str]) -> RunCli:
     """``run_cli(*args, cwd=DIR)`` -> the finished ``cryptoml`` subprocess (text stdout / stderr)."""
 

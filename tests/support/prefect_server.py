@@ -91,7 +91,11 @@ class PrefectServer:
         cmd.append("--no-ui")
         # A new session: the server and any child it spawns can be signalled as one process group.
         self._proc = subprocess.Popen(
-            cmd, env=self.env(), stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cmd,
+            env=self.env(),
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
             start_new_session=True,
         )
         try:

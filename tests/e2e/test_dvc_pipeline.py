@@ -1,0 +1,114 @@
+"""The DVC pipeline of issue 2 on a fresh copy of the project: ``dvc repro`` runs, re-runs nothing, and a
+changed parameter re-runs only the stages that read it.
+
+The copy holds the files a commit of the working tree would hold (tracked and untracked-but-not-ignored,
+without ``data/`` and ``reports/``), in a new git repository, with ``synthetic.days: 2``. ``PYTHONPATH``
+points at the copy so the stages run the copied code (the venv's editable install maps the packages to the
+repo). Later issues add stages after ``validate``; the test targets ``validate`` (and so ``backfill``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.e2e.conftest import CLI_TIMEOUT_S, ROOT, VENV_BIN, describe, write_params
+
+pytestmark = pytest.mark.server
+
+STAGES = ("backfill", "validate")  # issue 2's stages; `dvc repro validate` runs both
+STORE = Path("data/raw")
+Dvc = Callable[..., "subprocess.CompletedProcess[str]"]
+GIT_IDENTITY = ["-c", "user.name=cryptoml tests", "-c", "user.email=tests@localhost", "-c", "commit.gpgsign=false"]
+
+
+def project_files() -> list[str]:
+    """Paths a commit of the working tree would hold, minus data/ and reports/ (outputs of the pipeline)."""
+    out = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    paths = [p for p in out.stdout.split("\0") if p]
+    return [p for p in paths if not p.startswith(("data/", "reports/")) and (ROOT / p).is_file()]
+
+
+def store_digests(project: Path) -> dict[str, str]:
+    """sha256 of every Parquet file of the store, by relative path."""
+    root = project / STORE
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*.parquet"))
+    }
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fresh git repository holding a copy of the project, with a 2-day synthetic market."""
+    copy = tmp_path_factory.mktemp("project")
+    for rel in project_files():
+        target = copy / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, target)
+    write_params(copy, {"synthetic.days": 2}, source=copy / "params.yaml")
+    for args in (["init", "-q"], ["add", "-A"], [*GIT_IDENTITY, "commit", "-q", "-m", "copy of the project"]):
+        subprocess.run(["git", *args], cwd=copy, check=True, capture_output=True)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def dvc(project: Path, cli_env: dict[str, str]) -> Dvc:
+    """``dvc(*args)`` -> the finished ``dvc`` command run in the copy (venv first on PATH, copied code)."""
+    env = {**cli_env, "PYTHONPATH": os.pathsep.join([str(project), cli_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(VENV_BIN / "dvc"), *args], cwd=project, env=env, capture_output=True, text=True,
+            timeout=CLI_TIMEOUT_S, check=False,
+        )  # fmt: skip
+
+    return run
+
+
+def test_repro_runs_backfill_and_validate_then_is_a_no_op_then_reruns_only_what_a_param_feeds(
+    project: Path, dvc: Dvc
+) -> None:
+    # 1. A fresh copy: both stages run, the store and the validation report appear.
+    first = dvc("repro", "validate")
+    assert first.returncode == 0, describe(first)
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in first.stdout, describe(first)
+    digests = store_digests(project)
+    assert len(digests) >= 2 * 3 * 2  # 2 exchanges x 3 bases x (spot + perp)
+    assert (project / "reports" / "validation.json").is_file()
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert lock["stages"]["backfill"]["params"]["params.yaml"]["synthetic"]["days"] == 2
+
+    # 2. Nothing changed: nothing runs, DVC says so, the files keep their bytes.
+    second = dvc("repro", "validate")
+    assert second.returncode == 0, describe(second)
+    for stage in STAGES:
+        assert f"Stage '{stage}' didn't change, skipping" in second.stdout, describe(second)
+    assert "Running stage" not in second.stdout, describe(second)
+    status = dvc("status", *STAGES)
+    assert status.returncode == 0, describe(status)
+    assert "Data and pipelines are up to date." in status.stdout, describe(status)
+    assert store_digests(project) == digests
+
+    # 3. A validation threshold changed: only `validate` (which declares it) runs again.
+    write_params(project, {"validation.max_abs_log_return": 0.3}, source=project / "params.yaml")
+    stale = dvc("status", *STAGES)
+    assert "validate" in stale.stdout and "backfill:" not in stale.stdout, describe(stale)
+    third = dvc("repro", "validate")
+    assert third.returncode == 0, describe(third)
+    assert "Stage 'backfill' didn't change, skipping" in third.stdout, describe(third)
+    assert "Running stage 'backfill'" not in third.stdout, describe(third)
+    assert "Running stage 'validate'" in third.stdout, describe(third)
+    assert store_digests(project) == digests
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert lock["stages"]["validate"]["params"]["params.yaml"]["validation"]["max_abs_log_return"] == 0.3
