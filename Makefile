@@ -8,6 +8,7 @@ UV := $(PYTHON) -m uv
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
+export UV_COMPILE_BYTECODE := 1
 export PATH := $(BIN):$(PATH)
 
 .PHONY: install run test lint bench clean

@@ -158,7 +158,8 @@ def train_task(params: Params) -> dict[str, Any]:
     ):
         paths[name] = MODEL_DIR / f"{name}.json"
         model.booster_.save_model(str(paths[name]))
-    lineage = {"data": data_hash(FEATURES), "git_commit": git_commit()}
+    data = data_hash(FEATURES)
+    commit = git_commit()
     meta = {
         "feature_names": list(result.feature_names),
         "hold_feature_names": list(result.hold_feature_names),
@@ -171,7 +172,7 @@ def train_task(params: Params) -> dict[str, Any]:
         },
         "sizing": result.metrics["sizing"],
         "synthetic": params.market.source == "synthetic",
-        "data": lineage["data"],
+        "data": data,
     }
     atomic_write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n", MODEL_DIR / "meta.json")
     headline = headline_metrics(result.metrics)
@@ -179,8 +180,8 @@ def train_task(params: Params) -> dict[str, Any]:
 
     tags = {
         "stage": "train_opportunity",
-        "git_commit": lineage["git_commit"],
-        "data_md5": lineage["data"]["md5"],
+        "git_commit": commit,
+        "data_md5": data["md5"],
         "synthetic": str(meta["synthetic"]).lower(),
     }
     run_params = {

@@ -3,6 +3,10 @@
 Every CLI run gets ``PREFECT_API_URL`` of the session's server (no 10-17 s ephemeral API per process), a
 PATH starting with the venv's ``bin`` (where ``cryptoml``, ``dvc`` and ``prefect`` live) and the default
 Prefect logging level, so its output is what a user sees.
+
+Subprocesses also share a bytecode cache (``PYTHONPYCACHEPREFIX``, kept in pytest's cache folder): where
+``PYTHONDONTWRITEBYTECODE`` is set and the venv holds no ``.pyc`` files (``uv sync`` compiles none), every
+process would otherwise compile prefect, pandas and great-expectations from source, seconds each time.
 """
 
 from __future__ import annotations
@@ -32,17 +36,35 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def bytecode_env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Environment variables giving subprocesses a shared, writable bytecode cache outside the venv."""
+    cache = getattr(request.config, "cache", None)
+    folder = cache.mkdir("e2e-pycache") if cache is not None else tmp_path_factory.mktemp("pycache")
+    return {"PYTHONPYCACHEPREFIX": str(folder)}
+
+
+def subprocess_env(**changes: str) -> dict[str, str]:
+    """This process's environment without Prefect settings or the no-bytecode switch, plus ``changes``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "PYTHONDONTWRITEBYTECODE"}
+    env.update(changes)
+    return env
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory, bytecode_env: dict[str, str]) -> Iterator[str]:
     """A real ``prefect server start`` on a free port of 127.0.0.1; yields its API URL (``.../api``)."""
-    with PrefectServer(tmp_path_factory.mktemp("prefect-server"), startup_timeout_s=90) as server:
+    home = tmp_path_factory.mktemp("prefect-server")
+    with PrefectServer(home, startup_timeout_s=90, base_env=subprocess_env(**bytecode_env)) as server:
         yield server.api_url
 
 
 @pytest.fixture(scope="session")
-def cli_env(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+def cli_env(
+    prefect_server: str, bytecode_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, str]:
     """Environment of CLI subprocesses: the session's server, the venv first on PATH, no telemetry."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
-    env.update(
+    return subprocess_env(
+        **bytecode_env,
         PREFECT_API_URL=prefect_server,
         PREFECT_HOME=str(tmp_path_factory.mktemp("prefect-client")),
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
@@ -50,7 +72,6 @@ def cli_env(prefect_server: str, tmp_path_factory: pytest.TempPathFactory) -> di
         DVC_NO_ANALYTICS="1",
         PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     )
-    return env
 
 
 @pytest.fixture(scope="session")

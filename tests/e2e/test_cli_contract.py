@@ -48,12 +48,13 @@ PERP_DIR = STORE / EXCHANGE / "swap" / "BTC_USDT_USDT"
 BTC_1M_MONTH = "binance_spot_btcusdt_1m_20230417-20230517.parquet"
 EXCHANGE_INFO = "binance_fapi_v1_exchangeInfo_20210722.json"
 SPOT_KEY = DatasetKey("binance", "BTC/USDT", "ohlcv", "1m")
+SWAPPED_KEY = DatasetKey("binance_swapped", "BTC/USDT", "ohlcv", "1m")  # a second copy in the same folder
 HOLE = slice(700, 730)  # 30 bars missing inside the day
 TAIL_MISSING = 5  # and the day's last 5 bars (bars after the window are still served)
 NAN_ROW, SWAPPED_ROWS = 1000, [2000, 2001]
 
 # Quick to give up on persistent faults, no artificial spacing between requests.
-FAST_FETCH = {"fetch.max_retry_seconds": 2, "fetch.rate_limit_ms": 1, "fetch.backoff_base_seconds": 0.2}
+FAST_FETCH = {"fetch.max_retry_seconds": 3, "fetch.rate_limit_ms": 1, "fetch.backoff_base_seconds": 0.2}
 SMALL_SYNTHETIC = {"synthetic.days": 2}
 
 
@@ -108,7 +109,7 @@ class LiveBookStub(StubExchange):
         with self._lock:
             book = self._books.get(SYMBOL_ID)
             if book is not None:
-                book.ts_ms = now_ms()
+                book.ts_ms = max(now_ms(), book.ts_ms + 1)  # two polls in one millisecond are still two
         return super().binance_depth(query)
 
 
@@ -177,8 +178,10 @@ class Context:
         stub.set_book(SYMBOL_ID, make_book())
         return stub.start()
 
-    def against_stub(self, workdir: Path, stub: StubExchange, *args: str, before: dict[str, bytes] | None = None
-                     ) -> Outcome:  # fmt: skip
+    def against_stub(
+        self, workdir: Path, stub: StubExchange, *args: str, before: dict[str, bytes] | None = None
+    ) -> Outcome:
+        """Run the command while ``stub`` serves, record its requests, stop it."""
         try:
             proc = self.run_cli(*args, cwd=workdir)
             paths = {p for p, _ in stub.requests}
@@ -237,25 +240,22 @@ def files_import_then_validate(ctx: Context) -> Outcome:
 
 
 def corrupted_copies(ctx: Context) -> Outcome:
-    """Two corrupted copies of the real month, each written by the store's writer into one store folder."""
+    """Two corrupted copies of the real month written into one store folder, validated as a file and as a folder."""
     workdir = ctx.workdir("corrupted")
-    month = real_month()
-    meta = {"source": "files", "imported_from": BTC_1M_MONTH}
     store = ParquetStore(workdir / "bad")
-    nan_close = month.copy()
+    meta = {"source": "files", "imported_from": BTC_1M_MONTH}
+    nan_close = real_month()
     nan_close.loc[NAN_ROW, "close"] = np.nan
     store.write(SPOT_KEY, nan_close, meta)
-    swapped = month.copy()
+    swapped = real_month()
     swapped.loc[SWAPPED_ROWS, "ts_ms"] = swapped.loc[SWAPPED_ROWS[::-1], "ts_ms"].to_numpy()
-    key = DatasetKey("binance", "BTC/USDT", "ohlcv", "1m")
-    swapped_key = DatasetKey("binance_swapped", key.symbol, key.kind, key.timeframe)
     # store.write would sort the rows back into order: write the unsorted table with the store's own schema,
     # metadata and atomic writer instead.
-    table = to_table(swapped, "ohlcv", {"exchange": swapped_key.exchange, "symbol": key.symbol, "market": "spot",
-                                        "timeframe": "1m", **meta})  # fmt: skip
-    atomic_write_table(table, store.path(swapped_key))
-    return Outcome(workdir, [ctx.run_cli("validate", str(store.path(SPOT_KEY)), cwd=workdir),
-                             ctx.run_cli("validate", "bad", cwd=workdir)])  # fmt: skip
+    swapped_meta = {**meta, "exchange": SWAPPED_KEY.exchange, "symbol": SWAPPED_KEY.symbol, "market": "spot"}
+    atomic_write_table(to_table(swapped, "ohlcv", {**swapped_meta, "timeframe": "1m"}), store.path(SWAPPED_KEY))
+    one_file = ctx.run_cli("validate", str(store.path(SPOT_KEY)), cwd=workdir)
+    folder = ctx.run_cli("validate", "bad", cwd=workdir)
+    return Outcome(workdir, [one_file, folder])
 
 
 def synthetic_first(ctx: Context) -> Outcome:
@@ -271,7 +271,9 @@ def synthetic_second(ctx: Context) -> Outcome:
 def misspelled_key(ctx: Context) -> Outcome:
     workdir = ctx.workdir("misspelled", SMALL_SYNTHETIC)
     params = workdir / "params.yaml"
-    params.write_text(params.read_text().replace("  symbols:", "  symbls:", 1))
+    text = params.read_text()
+    assert "  symbols:" in text
+    params.write_text(text.replace("  symbols:", "  symbls:", 1))
     return Outcome(workdir, [ctx.run_cli("backfill", cwd=workdir)])
 
 
@@ -315,7 +317,10 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory, run_cli: RunCli) -> dict[
 @pytest.fixture()
 def outcome(request: pytest.FixtureRequest, outcomes: dict[str, Outcome | BaseException]) -> Outcome:
     """The outcome of the scenario named by the test's ``scenario`` marker argument."""
-    result = outcomes[request.node.get_closest_marker("scenario").args[0]]
+    marker = request.node.get_closest_marker("scenario")
+    if marker is None:
+        raise LookupError(f"{request.node.name} needs @scenario(NAME) to use the outcome fixture")
+    result = outcomes[marker.args[0]]
     if isinstance(result, BaseException):
         raise result
     return result
@@ -406,10 +411,12 @@ def test_validate_on_corrupted_copies_exits_3_naming_the_expectation(outcome: Ou
     assert "ts_ms_strictly_increasing" in folder.stderr, describe(folder)
     report = json.loads((outcome.workdir / "reports" / "validation.json").read_text())
     assert report["success"] is False and report["failed"] == 2
-    failed = {r["dataset"]: [f["expectation"] for f in r["failures"]] for r in report["results"]}
+    failed = {
+        r["dataset"]: [(f["expectation"], f["unexpected_count"]) for f in r["failures"]] for r in report["results"]
+    }
     assert failed == {
-        "binance BTC/USDT ohlcv 1m": ["close_not_null"],
-        "binance_swapped BTC/USDT ohlcv 1m": ["ts_ms_strictly_increasing"],
+        SPOT_KEY.label(): [("close_not_null", 1)],
+        SWAPPED_KEY.label(): [("ts_ms_strictly_increasing", 1)],
     }
 
 

@@ -84,6 +84,7 @@ def test_repro_runs_backfill_and_validate_then_is_a_no_op_then_reruns_only_what_
     for stage in STAGES:
         assert f"Running stage '{stage}'" in first.stdout, describe(first)
     digests = store_digests(project)
+    lock_bytes = (project / "dvc.lock").read_bytes()
     assert len(digests) >= 2 * 3 * 2  # 2 exchanges x 3 bases x (spot + perp)
     assert (project / "reports" / "validation.json").is_file()
     lock = yaml.safe_load((project / "dvc.lock").read_text())
@@ -99,6 +100,7 @@ def test_repro_runs_backfill_and_validate_then_is_a_no_op_then_reruns_only_what_
     assert status.returncode == 0, describe(status)
     assert "Data and pipelines are up to date." in status.stdout, describe(status)
     assert store_digests(project) == digests
+    assert (project / "dvc.lock").read_bytes() == lock_bytes
 
     # 3. A validation threshold changed: only `validate` (which declares it) runs again.
     write_params(project, {"validation.max_abs_log_return": 0.3}, source=project / "params.yaml")

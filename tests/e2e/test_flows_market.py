@@ -109,7 +109,10 @@ def test_validate_flow_raises_on_a_corrupted_file_and_reports_it(
     store = ParquetStore(tmp_path / "data" / "raw")
     candles = store.read(PERP_CANDLES)
     # A high below the bar's open and close: only high >= max(open, close) breaks.
-    candles.loc[BAD_ROW, "high"] = min(candles.loc[BAD_ROW, "open"], candles.loc[BAD_ROW, "close"]) - 1.0
+    high = candles["high"].to_numpy(copy=True)
+    high[BAD_ROW] = min(candles["open"].to_numpy()[BAD_ROW], candles["close"].to_numpy()[BAD_ROW]) - 1.0
+    candles["high"] = high
+    bad_ts_ms = int(candles["ts_ms"].to_numpy()[BAD_ROW])
     store.write(PERP_CANDLES, candles, store.metadata(PERP_CANDLES))
     params = tmp_params(tmp_path)
 
@@ -122,7 +125,7 @@ def test_validate_flow_raises_on_a_corrupted_file_and_reports_it(
     [bad] = [r for r in report["results"] if not r["success"]]
     assert bad["dataset"] == PERP_CANDLES.label()
     assert [(f["expectation"], f["unexpected_count"]) for f in bad["failures"]] == [("high_ge_max_open_close", 1)]
-    assert bad["failures"][0]["examples"][0]["ts_ms"] == int(candles.loc[BAD_ROW, "ts_ms"])
+    assert bad["failures"][0]["examples"][0]["ts_ms"] == bad_ts_ms
 
 
 def test_pipeline_flow_stops_at_validate_and_keeps_the_backfilled_files(

@@ -38,8 +38,9 @@ class ListSource:
         self.frame, self.page, self.die_after, self.pages_served = frame, page, die_after, 0
         self.windows: list[tuple[int, int]] = []
 
-    def fetch_ohlcv(self, exchange: str, symbol: str, timeframe: str, since_ms: int, until_ms: int
-                    ) -> Iterator[pd.DataFrame]:
+    def fetch_ohlcv(
+        self, exchange: str, symbol: str, timeframe: str, since_ms: int, until_ms: int
+    ) -> Iterator[pd.DataFrame]:
         self.windows.append((since_ms, until_ms))
         rows = self.frame[(self.frame.ts_ms >= since_ms) & (self.frame.ts_ms < until_ms)]
         for i in range(0, len(rows), self.page):
@@ -69,8 +70,9 @@ def test_interrupted_backfill_resumes_to_identical_bytes(tmp_path: Path) -> None
 
     part = ParquetStore(tmp_path / "part")
     with pytest.raises(KeyboardInterrupt):
-        backfill_ohlcv(ListSource(data, 50, die_after=10), part, "x", "BTC/USDT:USDT", "1m", 0, 1000 * MIN,
-                       flush_every_pages=3)
+        backfill_ohlcv(
+            ListSource(data, 50, die_after=10), part, "x", "BTC/USDT:USDT", "1m", 0, 1000 * MIN, flush_every_pages=3
+        )
     key = DatasetKey("x", "BTC/USDT:USDT", "ohlcv", "1m")
     assert 0 < len(part.read(key)) < 997  # some pages were flushed, the file is whole
     resumed_source = ListSource(data, 50)

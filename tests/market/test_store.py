@@ -86,8 +86,13 @@ def test_book_key_dedupes_per_level(tmp_path: Path) -> None:
     key = DatasetKey("bybit", "ETH/USDT", "book")
     store = ParquetStore(tmp_path)
     book = pd.DataFrame(
-        {"ts_ms": [1, 1, 1, 1], "side": ["bid", "bid", "ask", "ask"], "level": [0, 1, 0, 1],
-         "price": [10.0, 9.0, 11.0, 12.0], "size": [1.0, 2.0, 1.0, 2.0]}
+        {
+            "ts_ms": [1, 1, 1, 1],
+            "side": ["bid", "bid", "ask", "ask"],
+            "level": [0, 1, 0, 1],
+            "price": [10.0, 9.0, 11.0, 12.0],
+            "size": [1.0, 2.0, 1.0, 2.0],
+        }
     )
     store.append(key, book)
     store.append(key, book)

@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO
 
@@ -43,9 +44,10 @@ def prefect_executable() -> Path:
 class PrefectServer:
     """``with PrefectServer(home) as server:`` -> a healthy server at :attr:`api_url` until the block ends.
 
-    ``home`` becomes the server's ``PREFECT_HOME`` (its SQLite database lives there) and receives
-    ``server.log``. ``startup_timeout_s`` bounds the wait for ``/api/health``; on timeout the error
-    carries the tail of the server's log.
+        ``home`` becomes the server's ``PREFECT_HOME`` (its SQLite database lives there) and receives
+        ``server.log``. ``startup_timeout_s`` bounds the wait for ``/api/health``; on timeout the error
+        carries the tail of the server's log. ``base_env`` replaces ``os.environ`` as the environment the
+    server's own settings are added to.
     """
 
     def __init__(
@@ -56,12 +58,14 @@ class PrefectServer:
         port: int | None = None,
         startup_timeout_s: float = 90.0,
         stop_timeout_s: float = 5.0,
+        base_env: Mapping[str, str] | None = None,
     ) -> None:
         self.home = Path(home)
         self.host = host
         self.port = port if port is not None else free_port(host)
         self.startup_timeout_s = startup_timeout_s
         self.stop_timeout_s = stop_timeout_s
+        self.base_env = dict(os.environ if base_env is None else base_env)
         self.log_path = self.home / "server.log"
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -72,7 +76,7 @@ class PrefectServer:
 
     def env(self) -> dict[str, str]:
         """The server's environment: its own home, no telemetry, and no API URL of its own to call."""
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env = {k: v for k, v in self.base_env.items() if not k.startswith("PREFECT_")}
         env.update(
             PREFECT_HOME=str(self.home),
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
