@@ -114,3 +114,62 @@ def test_repro_runs_backfill_and_validate_then_is_a_no_op_then_reruns_only_what_
     assert store_digests(project) == digests
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert lock["stages"]["validate"]["params"]["params.yaml"]["validation"]["max_abs_log_return"] == 0.3
+
+
+POSITION_COLUMNS = (
+    "actual_hold_hours", "actual_profit_pct", "actual_profit_usd", "was_profitable", "peak_profit_pct",
+    "max_drawdown_pct", "funding_payments_count", "total_funding_usd", "slippage_pct", "fees_usd",
+)  # fmt: skip
+BRANCH = ("snapshots", "simulate", "opportunity_features", "train_opportunity")
+
+
+@pytest.fixture(scope="module")
+def full_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy with a 12-day market and a short hold grid, for the whole DAG through training."""
+    copy = tmp_path_factory.mktemp("full_project")
+    for rel in project_files():
+        target = copy / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / rel, target)
+    overrides = {"synthetic.days": 12, "simulate.hold_hours": [1, 4, 8, 24], "opportunity_model.n_estimators": 80}
+    write_params(copy, overrides, source=copy / "params.yaml")
+    for args in (["init", "-q"], ["add", "-A"], [*GIT_IDENTITY, "commit", "-q", "-m", "copy of the project"]):
+        subprocess.run(["git", *args], cwd=copy, check=True, capture_output=True)
+    return copy
+
+
+def test_full_dag_repro_is_stable_and_hold_hours_reruns_only_simulation_onwards(
+    full_project: Path, cli_env: dict[str, str]
+) -> None:
+    import pyarrow.parquet as pq
+
+    env = {**cli_env, "PYTHONPATH": str(full_project)}
+
+    def dvc(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(VENV_BIN / "dvc"), *args], cwd=full_project, env=env, capture_output=True, text=True,
+            timeout=3 * CLI_TIMEOUT_S, check=False,
+        )  # fmt: skip
+
+    first = dvc("repro")
+    assert first.returncode == 0, describe(first)
+    for stage in (*STAGES, *BRANCH):
+        assert f"Running stage '{stage}'" in first.stdout, describe(first)
+    positions = full_project / "data" / "positions.parquet"
+    assert set(POSITION_COLUMNS) <= set(pq.read_schema(positions).names)
+    models = sorted((full_project / "models" / "opportunity").iterdir())
+    model_bytes = {p.name: p.read_bytes() for p in models}
+    assert {"profit.json", "success.json", "hold.json", "meta.json"} <= set(model_bytes)
+
+    second = dvc("repro")
+    assert second.returncode == 0 and "Running stage" not in second.stdout, describe(second)
+    assert "Data and pipelines are up to date." in dvc("status").stdout
+    assert {p.name: p.read_bytes() for p in models} == model_bytes
+
+    write_params(full_project, {"simulate.hold_hours": [1, 4, 8, 12]}, source=full_project / "params.yaml")
+    third = dvc("repro")
+    assert third.returncode == 0, describe(third)
+    for stage in ("backfill", "validate", "snapshots"):
+        assert f"Stage '{stage}' didn't change, skipping" in third.stdout, describe(third)
+    for stage in ("simulate", "opportunity_features", "train_opportunity"):
+        assert f"Running stage '{stage}'" in third.stdout, describe(third)
