@@ -50,12 +50,16 @@ def store_digests(project: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A fresh git repository holding a copy of the project, with a 2-day synthetic market."""
-    copy = tmp_path_factory.mktemp("project")
+    return copy_project(tmp_path_factory.mktemp("project"), {"synthetic.days": 2})
+
+
+def copy_project(copy: Path, overrides: dict[str, object]) -> Path:
+    """Copy the project into ``copy`` with params overrides, as a fresh git repository."""
     for rel in project_files():
         target = copy / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / rel, target)
-    write_params(copy, {"synthetic.days": 2}, source=copy / "params.yaml")
+    write_params(copy, overrides, source=copy / "params.yaml")
     for args in (["init", "-q"], ["add", "-A"], [*GIT_IDENTITY, "commit", "-q", "-m", "copy of the project"]):
         subprocess.run(["git", *args], cwd=copy, check=True, capture_output=True)
     return copy
@@ -126,16 +130,8 @@ BRANCH = ("snapshots", "simulate", "opportunity_features", "train_opportunity")
 @pytest.fixture(scope="module")
 def full_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy with a 12-day market and a short hold grid, for the whole DAG through training."""
-    copy = tmp_path_factory.mktemp("full_project")
-    for rel in project_files():
-        target = copy / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / rel, target)
     overrides = {"synthetic.days": 12, "simulate.hold_hours": [1, 4, 8, 24], "opportunity_model.n_estimators": 80}
-    write_params(copy, overrides, source=copy / "params.yaml")
-    for args in (["init", "-q"], ["add", "-A"], [*GIT_IDENTITY, "commit", "-q", "-m", "copy of the project"]):
-        subprocess.run(["git", *args], cwd=copy, check=True, capture_output=True)
-    return copy
+    return copy_project(tmp_path_factory.mktemp("full_project"), overrides)
 
 
 def test_full_dag_repro_is_stable_and_hold_hours_reruns_only_simulation_onwards(
