@@ -39,6 +39,7 @@ def _fail(message: str, code: int) -> typer.Exit:
 def run_guarded(fn: Callable[[], T]) -> T:
     """Run a command body; map project errors to one line + exit code."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see flows/common.py
     from tasks.progress import progress_display
 
     try:

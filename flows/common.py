@@ -12,6 +12,8 @@ from cryptoml.config import Params, load_params, replace_section
 from cryptoml.errors import CryptoMLError
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# OpenMP threads that spin while waiting make LightGBM/XGBoost crawl when stages share the cores.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def params_with(params_path: str, **sections: dict[str, Any] | None) -> Params:
