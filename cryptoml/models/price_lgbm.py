@@ -487,7 +487,7 @@ def _json_safe(value: Any) -> Any:
 
 def train_price_lgbm(
     ohlcv: pd.DataFrame,
-    horizon_minutes: int = 15,
+    horizon_minutes: int = 10,
     *,
     num_leaves: int = 64,
     max_depth: int = 8,
