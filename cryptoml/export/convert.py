@@ -174,44 +174,40 @@ def xgboost_to_onnx(booster_or_wrapper: Any, n_features: int, name: str) -> byte
     into the bundle meta instead.
     """
     import onnxmltools
-    from onnxmltools.convert.common.data_types import FloatTensorType
 
     booster = _xgb_booster(booster_or_wrapper)
     if booster.num_features() != n_features:
         raise ModelContractError(f"{name}: the booster has {booster.num_features()} features, not {n_features}")
     unnamed = booster.copy()
     unnamed.feature_names = None
+    return _convert_trees(onnxmltools.convert_xgboost, unnamed, n_features, name, "XGBoost")
+
+
+def _convert_trees(convert: Any, model: Any, n_features: int, name: str, library: str) -> bytes:
+    """Run an onnxmltools tree converter with the bundle's input name and opset; errors -> ModelContractError."""
+    from onnxmltools.convert.common.data_types import FloatTensorType
+
     try:
-        model = onnxmltools.convert_xgboost(
-            unnamed,
+        proto = convert(
+            model,
             name=name,
             initial_types=[(INPUT_NAME, FloatTensorType([None, n_features]))],
             target_opset=TREE_OPSET,
         )
     except (RuntimeError, ValueError, NotImplementedError, KeyError) as e:
-        raise ModelContractError(f"{name}: onnxmltools cannot convert this XGBoost model: {e}") from e
-    return _finish(model, name)
+        raise ModelContractError(f"{name}: onnxmltools cannot convert this {library} model: {e}") from e
+    return _finish(proto, name)
 
 
 def lightgbm_to_onnx(model: Any, n_features: int, name: str) -> bytes:
     """ONNX bytes (opset 15) of a LightGBM regressor: a ``lightgbm.Booster`` or any model holding one in
     ``booster_`` (``LGBMRegressor``, cryptoml's wrappers); output ``variable`` of shape (n, 1)."""
     import onnxmltools
-    from onnxmltools.convert.common.data_types import FloatTensorType
 
     booster = getattr(model, "booster_", model)
     if booster.num_feature() != n_features:
         raise ModelContractError(f"{name}: the LightGBM model has {booster.num_feature()} features, not {n_features}")
-    try:
-        proto = onnxmltools.convert_lightgbm(
-            booster,
-            name=name,
-            initial_types=[(INPUT_NAME, FloatTensorType([None, n_features]))],
-            target_opset=TREE_OPSET,
-        )
-    except (RuntimeError, ValueError, NotImplementedError, KeyError) as e:
-        raise ModelContractError(f"{name}: onnxmltools cannot convert this LightGBM model: {e}") from e
-    return _finish(proto, name)
+    return _convert_trees(onnxmltools.convert_lightgbm, booster, n_features, name, "LightGBM")
 
 
 def keras_to_onnx(model: Any, input_shape: tuple[int | None, ...], name: str) -> bytes:

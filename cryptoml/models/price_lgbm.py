@@ -489,24 +489,17 @@ def train_price_lgbm(
     ohlcv: pd.DataFrame,
     horizon_minutes: int = 10,
     *,
-    num_leaves: int = 64,
-    max_depth: int = 8,
-    n_estimators: int = 1000,
-    learning_rate: float = 0.03,
-    subsample: float = 0.8,
-    subsample_freq: int = 1,
-    early_stopping_rounds: int = 50,
-    random_state: int = 42,
-    n_jobs: int = 2,
-    deterministic: bool = True,
     train_frac: float = 0.7,
     valid_frac: float = 0.15,
     threshold_bps: float = 8.0,
     out_dir: Path | None = None,
+    **model_params: Any,
 ) -> PriceLgbmResult:
     """Fit :class:`ForwardReturnModel` on one symbol's 1-minute bars and evaluate it on the test window.
 
-    ``ohlcv``: store schema, sorted. The split is :func:`purged_price_split`; early stopping on the
+    ``ohlcv``: store schema, sorted. ``model_params``: :class:`ForwardReturnModel` hyperparameters
+    (``num_leaves``, ``n_estimators``, ...); omitted ones take its defaults. The split is
+    :func:`purged_price_split`; early stopping on the
     validation window. ``metrics``: ``{"test": {"model", "zero", "persistence"}, "valid": {"model"},
     "best_iteration", "horizon_minutes", "threshold_bps"}`` (see the module docstring for the baselines).
     With ``out_dir``, writes ``metrics.json`` (NaN as null, plus the split) and ``importance.csv``.
@@ -521,18 +514,7 @@ def train_price_lgbm(
     # for h <= 60; beyond that fall back to 0 (no information) where the history is missing
     persistence = np.where(np.isfinite(persistence), persistence, 0.0)
 
-    model = ForwardReturnModel(
-        num_leaves=num_leaves,
-        max_depth=max_depth,
-        n_estimators=n_estimators,
-        learning_rate=learning_rate,
-        subsample=subsample,
-        subsample_freq=subsample_freq,
-        early_stopping_rounds=early_stopping_rounds,
-        random_state=random_state,
-        n_jobs=n_jobs,
-        deterministic=deterministic,
-    )
+    model = ForwardReturnModel(**model_params)  # hyperparameters and their defaults live in the model
     X, y, ts = data
     started = time.perf_counter()
     model.fit(X.iloc[split.train], y[split.train], eval_set=[(X.iloc[split.valid], y[split.valid])])
