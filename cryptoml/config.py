@@ -309,6 +309,101 @@ class OpportunityModelParams:
 
 
 @dataclass(frozen=True)
+class PriceParams:
+    """The price-model branch: which stored 1-minute series it learns from, horizon and split (issue 4)."""
+
+    exchange: str = "binance"  # stored exchange name (synthetic names or ccxt ids)
+    symbol: str = "BTC/USDT:USDT"  # unified symbol of the stored series
+    horizon_minutes: int = 10  # LightGBM target: log return over the next horizon_minutes
+    train_frac: float = 0.7
+    valid_frac: float = 0.15  # test = the rest; purge gaps of one label between the three
+    threshold_bps: float = 8.0  # the rule scored in the metrics: enter when |predicted return| > threshold
+
+    def validate(self) -> None:
+        if not self.exchange or not self.symbol:
+            raise ConfigError("price.exchange and price.symbol must be set")
+        if self.horizon_minutes <= 0:
+            raise ConfigError(f"price.horizon_minutes must be > 0, got {self.horizon_minutes}")
+        if not (0 < self.train_frac < 1 and 0 < self.valid_frac < 1 and self.train_frac + self.valid_frac < 1):
+            raise ConfigError("price.train_frac + valid_frac must be < 1 and each in (0, 1)")
+        if self.threshold_bps < 0:
+            raise ConfigError(f"price.threshold_bps must be >= 0, got {self.threshold_bps}")
+
+
+@dataclass(frozen=True)
+class PriceLgbmParams:
+    """LightGBM forward-return model hyperparameters (the issue's defaults)."""
+
+    num_leaves: int = 64
+    max_depth: int = 8
+    n_estimators: int = 1000
+    learning_rate: float = 0.03
+    subsample: float = 0.8
+    subsample_freq: int = 1  # LightGBM bags only when this is > 0
+    early_stopping_rounds: int = 50
+    n_jobs: int = 2
+    random_state: int = 42
+
+    def validate(self) -> None:
+        for name in ("num_leaves", "n_estimators", "early_stopping_rounds", "n_jobs"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"price_lgbm.{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.learning_rate <= 1:
+            raise ConfigError(f"price_lgbm.learning_rate must be in (0, 1], got {self.learning_rate}")
+        if not 0 < self.subsample <= 1:
+            raise ConfigError(f"price_lgbm.subsample must be in (0, 1], got {self.subsample}")
+
+
+@dataclass(frozen=True)
+class PriceKerasParams:
+    """Keras CNN+LSTM price models: CPU budget, training and the optional sentiment table."""
+
+    window_bars: int = 120
+    epochs: int = 3
+    batch_size: int = 128
+    max_windows: int = 4000  # the last N training windows (CPU budget on 2 cores)
+    max_eval_windows: int = 2000  # evenly spaced validation / test windows
+    learning_rate: float = 0.001
+    patience: int = 2  # early stopping on the validation loss; 0 = off
+    seed: int = 42
+    # "synthetic": a seeded table derived from past returns only (the embedded default; no future information);
+    # "none": no table (only the price-only model is trained); anything else: a Parquet / CSV path.
+    sentiment: str = "synthetic"
+    sentiment_max_age_minutes: int = 60  # older readings count as missing
+
+    def validate(self) -> None:
+        for name in ("window_bars", "epochs", "batch_size", "max_windows", "max_eval_windows", "seed"):
+            if getattr(self, name) <= 0 and name != "seed":
+                raise ConfigError(f"price_keras.{name} must be > 0, got {getattr(self, name)}")
+        if self.window_bars < 8:
+            raise ConfigError(f"price_keras.window_bars must be >= 8, got {self.window_bars}")
+        if not 0 < self.learning_rate < 1:
+            raise ConfigError(f"price_keras.learning_rate must be in (0, 1), got {self.learning_rate}")
+        if self.patience < 0 or self.sentiment_max_age_minutes <= 0:
+            raise ConfigError("price_keras.patience must be >= 0 and sentiment_max_age_minutes > 0")
+        if not self.sentiment:
+            raise ConfigError("price_keras.sentiment: 'synthetic', 'none' or a path to a sentiment table")
+
+
+@dataclass(frozen=True)
+class RegistryParams:
+    """MLflow registry: promotion rule of `cryptoml promote` and of the register stage."""
+
+    # A challenger is promoted when it beats the champion on the same holdout by more than this
+    # (in the units of the model's holdout metric; per model name, "default" for the rest).
+    margin: dict[str, float] = field(default_factory=lambda: {"default": 0.0})
+    # With no champion yet, the first registered version becomes champion (so consumers have a model).
+    promote_first: bool = True
+
+    def validate(self) -> None:
+        if any(v < 0 for v in self.margin.values()):
+            raise ConfigError(f"registry.margin values must be >= 0, got {self.margin}")
+
+    def margin_for(self, name: str) -> float:
+        return float(self.margin.get(name, self.margin.get("default", 0.0)))
+
+
+@dataclass(frozen=True)
 class Params:
     market: MarketParams = field(default_factory=MarketParams)
     fetch: FetchParams = field(default_factory=FetchParams)
@@ -319,6 +414,10 @@ class Params:
     opportunities: OpportunityParams = field(default_factory=OpportunityParams)
     simulate: SimulateParams = field(default_factory=SimulateParams)
     opportunity_model: OpportunityModelParams = field(default_factory=OpportunityModelParams)
+    price: PriceParams = field(default_factory=PriceParams)
+    price_lgbm: PriceLgbmParams = field(default_factory=PriceLgbmParams)
+    price_keras: PriceKerasParams = field(default_factory=PriceKerasParams)
+    registry: RegistryParams = field(default_factory=RegistryParams)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
