@@ -1,0 +1,306 @@
+"""The trading rules, in one pure function shared by the edge runner and the walk-forward backtest.
+
+Timing (one call of :func:`decide` per closed bar):
+
+- ``bar_ts_ms`` is the bar's **open** time; the bar closes at ``bar_close_ms = bar_ts_ms + bar_ms``. The
+  decision is made at that close, from that bar's ``close`` / ``high`` / ``low`` and a prediction computed
+  from features of that bar and earlier only. All rule clocks (cooldown, kill-switch day) use
+  ``bar_close_ms``, never ``now_ms``, so the live runner and the backtest take the same decisions on the
+  same bars; ``now_ms`` only measures staleness and must be ``>= bar_close_ms`` (an unclosed bar is refused).
+- The order a decision asks for is executed after the close: the live runner sends it at once, the
+  backtest fills it at the next bar's open. ``position_qty`` / ``entry_price`` / ``equity`` are the broker's
+  figures at the close of this bar (equity marked at ``close``).
+- Stop-loss and take-profit compare the bar's ``low`` / ``high`` with levels set from ``entry_price``; the
+  caller passes only bars that began at or after the entry. When one bar touches both levels the stop-loss
+  wins (the conservative reading: the order of the two touches inside a bar is unknown).
+- Exits are always allowed (stale data, missing prediction, tripped kill switch included). A position that
+  disappears without an exit decided here (a broker-side stop or take-profit filled during the bar) counts
+  as an exit at this bar's close and starts the cooldown from there.
+
+Rules, first match wins. In a position: kill switch -> ``exit``/``kill_switch``; ``low <= stop`` (long) or
+``high >= stop`` (short) -> ``exit``/``stop_loss``; take-profit level reached -> ``exit``/``take_profit``;
+prediction missing -> ``hold``/``no_prediction``; prediction past the reversal threshold against the
+position (long: ``< -exit_reversal_bps``, short: ``> +exit_reversal_bps``) -> ``exit``/``reversal``; else
+``hold``/``in_position``. Flat: kill switch -> ``kill_switch``; bar older than ``max_bar_age_seconds`` at
+``now_ms`` -> ``stale_data``; prediction missing or NaN -> ``no_prediction``; ``|prediction| <= entry_bps``
+-> ``no_signal``; inside the cooldown -> ``cooldown``; short signal with shorts off -> ``short_disabled``;
+``equity <= 0`` -> ``no_equity``; else ``enter_long``/``signal_long`` or ``enter_short``/``signal_short``.
+
+Kill switch: the UTC day of ``bar_close_ms`` starts with the equity passed at its first decision. When
+``equity`` falls ``kill_switch_drawdown_pct`` percent or more below it, the switch trips and stays tripped
+until the first decision of a later UTC day or :func:`reset_kill_switch`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
+
+from cryptoml.errors import ConfigError, DataValidationError
+
+DAY_MS = 86_400_000
+ACTIONS = ("enter_long", "enter_short", "exit", "hold")
+
+
+@dataclass(frozen=True)
+class StrategyParams:
+    """Thresholds and risk limits of the rule set (``strategy`` section of params.yaml)."""
+
+    entry_bps: float = 8.0  # enter long above +entry_bps predicted forward return, short below -entry_bps
+    exit_reversal_bps: float = 4.5  # exit a long below -this, a short above +this
+    stop_loss_pct: float = 1.0  # percent of the entry price
+    take_profit_pct: float = 3.0  # percent of the entry price
+    cooldown_minutes: float = 3.0  # no new entry until this long after an exit (bar-close times)
+    kill_switch_drawdown_pct: float = 3.0  # percent below the UTC day's starting equity
+    base_capital: float = 10_000.0  # starting cash of the account (quote currency, USD(T))
+    # Notional of a new position as a fraction of current equity. 1.0 = fully invested, no leverage: with the
+    # 1 % stop a stopped trade costs about 1 % of equity plus fees, so the 3 % kill switch allows ~3 losers a day.
+    position_fraction: float = 1.0
+    max_bar_age_seconds: float = 150.0  # no NEW entries when now - bar close exceeds this
+    allow_short: bool = True
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid field (``strategy.<field>``)."""
+        for name in ("entry_bps", "exit_reversal_bps", "cooldown_minutes"):
+            if not _finite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ConfigError(f"strategy.{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        for name in ("stop_loss_pct", "take_profit_pct", "base_capital", "max_bar_age_seconds"):
+            if not _finite(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ConfigError(f"strategy.{name} must be a finite number > 0, got {getattr(self, name)!r}")
+        if self.stop_loss_pct >= 100:
+            raise ConfigError(f"strategy.stop_loss_pct must be < 100, got {self.stop_loss_pct!r}")
+        if not _finite(self.kill_switch_drawdown_pct) or not 0 < self.kill_switch_drawdown_pct <= 100:
+            raise ConfigError(
+                f"strategy.kill_switch_drawdown_pct must be in (0, 100], got {self.kill_switch_drawdown_pct!r}"
+            )
+        if not _finite(self.position_fraction) or not 0 < self.position_fraction <= 10:
+            raise ConfigError(f"strategy.position_fraction must be in (0, 10], got {self.position_fraction!r}")
+        if not isinstance(self.allow_short, bool):
+            raise ConfigError(f"strategy.allow_short must be true or false, got {self.allow_short!r}")
+
+
+@dataclass(frozen=True)
+class StrategyState:
+    """Everything :func:`decide` remembers between bars (JSON-safe via to_dict / from_dict).
+
+    ``day`` is the UTC day number (``bar_close_ms // 86_400_000``) of the last decision; ``day_start_equity``
+    its first equity (None until then or after :func:`reset_kill_switch`); ``expected_position_sign`` the
+    position sign the last decision asked for (+1, -1, 0), used to notice exits made by the broker.
+    """
+
+    day: int | None = None
+    day_start_equity: float | None = None
+    kill_switch_tripped: bool = False
+    kill_switch_tripped_at_ms: int | None = None
+    cooldown_until_ms: int = 0
+    expected_position_sign: int = 0
+    last_bar_ts_ms: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StrategyState:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise DataValidationError(f"strategy state: unknown keys {sorted(unknown)}")
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do at the close of bar ``bar_ts_ms``.
+
+    ``side`` ('buy' / 'sell') and ``qty`` (> 0, base units) describe the order to send for ``enter_*`` and
+    ``exit``; both are None / 0.0 for ``hold``. ``target_qty`` is the signed position wanted afterwards.
+    For entries ``stop_price`` / ``take_profit_price`` are the protective levels from ``close`` (recompute
+    them from the real fill with :func:`protective_prices`).
+    """
+
+    action: str
+    reason: str
+    bar_ts_ms: int
+    decided_at_ms: int  # the bar's close time
+    predicted_return_bps: float | None
+    side: str | None = None
+    qty: float = 0.0
+    target_qty: float = 0.0
+    stop_price: float | None = None
+    take_profit_price: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def protective_prices(params: StrategyParams, position_sign: int, entry_price: float) -> tuple[float, float]:
+    """(stop-loss price, take-profit price) of a long (+1) or short (-1) entered at ``entry_price``."""
+    if position_sign not in (1, -1):
+        raise DataValidationError(f"position_sign must be +1 or -1, got {position_sign!r}")
+    stop = entry_price * (1.0 - position_sign * params.stop_loss_pct / 100.0)
+    take = entry_price * (1.0 + position_sign * params.take_profit_pct / 100.0)
+    return stop, take
+
+
+def reset_kill_switch(state: StrategyState) -> StrategyState:
+    """Explicit reset: untrip, and measure the day's drawdown from the equity of the next decision."""
+    return dataclasses.replace(state, kill_switch_tripped=False, kill_switch_tripped_at_ms=None, day_start_equity=None)
+
+
+def decide(
+    state: StrategyState,
+    params: StrategyParams,
+    *,
+    bar_ts_ms: int,
+    now_ms: int,
+    close: float,
+    high: float,
+    low: float,
+    predicted_return_bps: float | None,
+    position_qty: float,
+    entry_price: float,
+    equity: float,
+    bar_ms: int = 60_000,
+) -> tuple[Decision, StrategyState]:
+    """One decision at the close of bar ``bar_ts_ms`` (see the module docstring); pure and deterministic.
+
+    ``position_qty`` is signed (base units, + long); ``entry_price`` its average entry price (ignored when
+    flat); ``equity`` the account equity marked at ``close``; ``predicted_return_bps`` the model's forward
+    return in basis points (None or NaN = no prediction). Returns the decision and the new state.
+    """
+    bar_ts_ms, now_ms, bar_ms = _as_int("bar_ts_ms", bar_ts_ms), _as_int("now_ms", now_ms), _as_int("bar_ms", bar_ms)
+    close, high, low = _as_price("close", close), _as_price("high", high), _as_price("low", low)
+    position_qty, equity = _as_finite("position_qty", position_qty), _as_finite("equity", equity)
+    _check_bar(bar_ts_ms, now_ms, bar_ms, close, high, low)
+    if position_qty != 0:
+        entry_price = _as_price("entry_price", entry_price)
+    if state.last_bar_ts_ms is not None and bar_ts_ms < state.last_bar_ts_ms:
+        raise DataValidationError(f"bar_ts_ms {bar_ts_ms} is earlier than the last decided bar {state.last_bar_ts_ms}")
+    close_ms = bar_ts_ms + bar_ms
+    if (
+        predicted_return_bps is not None
+        and type(predicted_return_bps) is not float
+        and (isinstance(predicted_return_bps, bool) or not isinstance(predicted_return_bps, numbers.Real))
+    ):
+        raise DataValidationError(f"predicted_return_bps must be a number or None, got {predicted_return_bps!r}")
+    # None or NaN / inf: the model had no usable answer (warm-up, missing features) -> no prediction.
+    pred = None if predicted_return_bps is None else float(predicted_return_bps)
+    if pred is not None and not math.isfinite(pred):
+        pred = None
+    sign = 0 if position_qty == 0 else (1 if position_qty > 0 else -1)
+    cooldown_ms = round(params.cooldown_minutes * 60_000)
+
+    # The state is rebuilt once at the end (the backtest calls this once per bar: keep it cheap).
+    day, day_start_equity = state.day, state.day_start_equity
+    tripped, tripped_at_ms = state.kill_switch_tripped, state.kill_switch_tripped_at_ms
+    cooldown_until_ms = state.cooldown_until_ms
+    # A position the last decision wanted but which is gone now was closed by the broker during this bar.
+    if state.expected_position_sign != 0 and sign == 0:
+        cooldown_until_ms = max(cooldown_until_ms, close_ms + cooldown_ms)
+    if day != close_ms // DAY_MS:  # first decision of a UTC day: new baseline, switch untripped
+        day, day_start_equity, tripped, tripped_at_ms = close_ms // DAY_MS, equity, False, None
+    elif day_start_equity is None:  # first decision after reset_kill_switch
+        day_start_equity = equity
+    if (
+        not tripped
+        and day_start_equity is not None
+        and day_start_equity > 0
+        and (day_start_equity - equity) / day_start_equity * 100.0 >= params.kill_switch_drawdown_pct
+    ):
+        tripped, tripped_at_ms = True, close_ms
+
+    action, reason, side, qty, target_qty = "hold", "", None, 0.0, position_qty
+    stop_price = take_profit_price = None
+    if sign != 0:
+        exit_reason = "kill_switch" if tripped else _exit_reason(params, sign, high, low, entry_price, pred)
+        if exit_reason is None:
+            reason = "no_prediction" if pred is None else "in_position"
+        else:
+            action, reason, side = "exit", exit_reason, ("sell" if sign > 0 else "buy")
+            qty, target_qty = abs(position_qty), 0.0
+            cooldown_until_ms = max(cooldown_until_ms, close_ms + cooldown_ms)
+    elif tripped:
+        reason = "kill_switch"
+    elif now_ms - close_ms > params.max_bar_age_seconds * 1000.0:
+        reason = "stale_data"
+    elif pred is None:
+        reason = "no_prediction"
+    elif -params.entry_bps <= pred <= params.entry_bps:
+        reason = "no_signal"
+    elif close_ms < cooldown_until_ms:
+        reason = "cooldown"
+    elif pred < 0 and not params.allow_short:
+        reason = "short_disabled"
+    elif equity <= 0:
+        reason = "no_equity"
+    else:
+        new_sign = 1 if pred > 0 else -1
+        action = "enter_long" if new_sign > 0 else "enter_short"
+        reason = "signal_long" if new_sign > 0 else "signal_short"
+        side = "buy" if new_sign > 0 else "sell"
+        qty = equity * params.position_fraction / close
+        target_qty = new_sign * qty
+        stop_price, take_profit_price = protective_prices(params, new_sign, close)
+
+    decision = Decision(action, reason, bar_ts_ms, close_ms, pred, side, qty, target_qty, stop_price, take_profit_price)
+    expected_sign = 0 if target_qty == 0 else (1 if target_qty > 0 else -1)
+    new_state = StrategyState(
+        day, day_start_equity, tripped, tripped_at_ms, cooldown_until_ms, expected_sign, bar_ts_ms
+    )
+    return decision, new_state
+
+
+def _exit_reason(
+    params: StrategyParams, sign: int, high: float, low: float, entry_price: float, pred: float | None
+) -> str | None:
+    stop, take = protective_prices(params, sign, entry_price)
+    # Stop before take-profit: when a bar touches both, assume the adverse touch came first.
+    if (sign > 0 and low <= stop) or (sign < 0 and high >= stop):
+        return "stop_loss"
+    if (sign > 0 and high >= take) or (sign < 0 and low <= take):
+        return "take_profit"
+    if pred is None:
+        return None
+    if (sign > 0 and pred < -params.exit_reversal_bps) or (sign < 0 and pred > params.exit_reversal_bps):
+        return "reversal"
+    return None
+
+
+def _finite(x: Any) -> bool:
+    if type(x) is float or type(x) is int:  # fast path: ABC isinstance checks dominate a per-bar call
+        return math.isfinite(x)
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _as_int(name: str, value: Any) -> int:
+    if type(value) is int:
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise DataValidationError(f"{name} must be an integer (epoch ms), got {value!r}")
+    return int(value)
+
+
+def _as_finite(name: str, value: Any) -> float:
+    if not _finite(value):
+        raise DataValidationError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _as_price(name: str, value: Any) -> float:
+    if not _finite(value) or value <= 0:
+        raise DataValidationError(f"{name} must be a finite price > 0, got {value!r}")
+    return float(value)
+
+
+def _check_bar(bar_ts_ms: int, now_ms: int, bar_ms: int, close: float, high: float, low: float) -> None:
+    if bar_ms <= 0:
+        raise DataValidationError(f"bar_ms must be > 0, got {bar_ms}")
+    if not low <= close <= high:
+        raise DataValidationError(f"bar {bar_ts_ms}: need low <= close <= high, got {low}, {close}, {high}")
+    if now_ms < bar_ts_ms + bar_ms:
+        raise DataValidationError(
+            f"bar {bar_ts_ms} has not closed at now_ms {now_ms} (closes at {bar_ts_ms + bar_ms}): no look-ahead"
+        )
