@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import numbers
 import types
 import typing
 from collections.abc import Mapping
@@ -404,6 +406,108 @@ class RegistryParams:
 
 
 @dataclass(frozen=True)
+class LiveParams:
+    """The edge runner (`cryptoml live`) and the prediction API (`cryptoml serve`)."""
+
+    exchange: str = "binanceusdm"  # ccxt id the runner follows
+    symbols: tuple[str, ...] = ("BTC/USDT:USDT",)
+    models_dir: str = "models"  # bundles folder (used unless registry_url is set)
+    registry_url: str = ""  # MLflow tracking server (http://host:port): follow the `champion` alias over REST
+    model_poll_seconds: float = 60.0  # how often the runner checks for a new champion / changed bundles
+    shadow: bool = True  # run the `challenger` (or models_dir/<name>.challenger) in a shadow slot
+    state_path: str = "state/live.sqlite"
+    buffer_hours: float = 48.0  # rolling window of 1-minute bars kept in memory (48-72 h)
+    poll_seconds: float = 5.0  # how often closed candles are polled
+    retry_base_seconds: float = 1.0  # reconnect backoff: base * 2^attempt, capped, with jitter
+    retry_max_seconds: float = 60.0
+    opportunity_scoring: bool = True  # also score funding-arbitrage opportunities from live funding and prices
+    api_host: str = "127.0.0.1"
+    api_port: int = 8080
+    api_max_batch: int = 256
+
+    def validate(self) -> None:
+        check_exchange_id(self.exchange, "live.exchange")
+        if not self.symbols:
+            raise ConfigError("live.symbols: the list is empty")
+        if not 1 <= self.buffer_hours <= 24 * 7:
+            raise ConfigError(f"live.buffer_hours must be in [1, 168], got {self.buffer_hours}")
+        for name in ("model_poll_seconds", "poll_seconds", "retry_base_seconds", "retry_max_seconds"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"live.{name} must be > 0, got {getattr(self, name)}")
+        if not 0 < self.api_port < 65536 or self.api_max_batch <= 0:
+            raise ConfigError("live.api_port must be in 1..65535 and live.api_max_batch > 0")
+
+
+def _finite(x: Any) -> bool:
+    if type(x) is float or type(x) is int:  # fast path: ABC isinstance checks dominate a per-bar call
+        return math.isfinite(x)
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class StrategyParams:
+    """Thresholds and risk limits of the rule set (``strategy`` section of params.yaml)."""
+
+    entry_bps: float = 8.0  # enter long above +entry_bps predicted forward return, short below -entry_bps
+    exit_reversal_bps: float = 4.5  # exit a long below -this, a short above +this
+    stop_loss_pct: float = 1.0  # percent of the entry price
+    take_profit_pct: float = 3.0  # percent of the entry price
+    cooldown_minutes: float = 3.0  # no new entry until this long after an exit (bar-close times)
+    kill_switch_drawdown_pct: float = 3.0  # percent below the UTC day's starting equity
+    base_capital: float = 10_000.0  # starting cash of the account (quote currency, USD(T))
+    # Notional of a new position as a fraction of current equity. 1.0 = fully invested, no leverage: with the
+    # 1 % stop a stopped trade costs about 1 % of equity plus fees, so the 3 % kill switch allows ~3 losers a day.
+    position_fraction: float = 1.0
+    max_bar_age_seconds: float = 150.0  # no NEW entries when now - bar close exceeds this
+    allow_short: bool = True
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid field (``strategy.<field>``)."""
+        for name in ("entry_bps", "exit_reversal_bps", "cooldown_minutes"):
+            if not _finite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ConfigError(f"strategy.{name} must be a finite number >= 0, got {getattr(self, name)!r}")
+        for name in ("stop_loss_pct", "take_profit_pct", "base_capital", "max_bar_age_seconds"):
+            if not _finite(getattr(self, name)) or getattr(self, name) <= 0:
+                raise ConfigError(f"strategy.{name} must be a finite number > 0, got {getattr(self, name)!r}")
+        if self.stop_loss_pct >= 100:
+            raise ConfigError(f"strategy.stop_loss_pct must be < 100, got {self.stop_loss_pct!r}")
+        if not _finite(self.kill_switch_drawdown_pct) or not 0 < self.kill_switch_drawdown_pct <= 100:
+            raise ConfigError(
+                f"strategy.kill_switch_drawdown_pct must be in (0, 100], got {self.kill_switch_drawdown_pct!r}"
+            )
+        if not _finite(self.position_fraction) or not 0 < self.position_fraction <= 10:
+            raise ConfigError(f"strategy.position_fraction must be in (0, 10], got {self.position_fraction!r}")
+        if not isinstance(self.allow_short, bool):
+            raise ConfigError(f"strategy.allow_short must be true or false, got {self.allow_short!r}")
+
+
+@dataclass(frozen=True)
+class PaperBrokerParams:
+    """Costs and fill assumptions of the paper broker (a flat section of params.yaml, e.g. ``broker``)."""
+
+    taker_fee_bps: float = 4.0  # market, stop, take-profit and marketable limit fills (Binance USDⓈ-M taker)
+    maker_fee_bps: float = 2.0  # resting limit fills
+    limit_fill_probability: float = 0.5  # chance a resting limit fills on a bar that trades through it
+    seed: int = 0
+    spread_pct: float = 0.01  # assumed bid-ask spread in percent of price when no book is passed (1 bp)
+    depth_usd: float = 250_000.0  # assumed top-of-book depth (both sides, USD) when no book is passed
+    book_exhausted_penalty_bps: float = 50.0  # beyond the book's last level: last price worsened by this
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first invalid field (``broker.<field>``)."""
+        for name in ("taker_fee_bps", "maker_fee_bps", "spread_pct", "book_exhausted_penalty_bps"):
+            value = getattr(self, name)
+            if not _finite(value) or value < 0:
+                raise ConfigError(f"broker.{name} must be a finite number >= 0, got {value!r}")
+        if not _finite(self.depth_usd) or self.depth_usd <= 0:
+            raise ConfigError(f"broker.depth_usd must be a finite number > 0, got {self.depth_usd!r}")
+        if not _finite(self.limit_fill_probability) or not 0 <= self.limit_fill_probability <= 1:
+            raise ConfigError(f"broker.limit_fill_probability must be in [0, 1], got {self.limit_fill_probability!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ConfigError(f"broker.seed must be an integer >= 0, got {self.seed!r}")
+
+
+@dataclass(frozen=True)
 class Params:
     market: MarketParams = field(default_factory=MarketParams)
     fetch: FetchParams = field(default_factory=FetchParams)
@@ -418,6 +522,9 @@ class Params:
     price_lgbm: PriceLgbmParams = field(default_factory=PriceLgbmParams)
     price_keras: PriceKerasParams = field(default_factory=PriceKerasParams)
     registry: RegistryParams = field(default_factory=RegistryParams)
+    strategy: StrategyParams = field(default_factory=StrategyParams)
+    broker: PaperBrokerParams = field(default_factory=PaperBrokerParams)
+    live: LiveParams = field(default_factory=LiveParams)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):

@@ -48,8 +48,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from cryptoml.config import SimulateParams
-from cryptoml.errors import ConfigError, DataValidationError
+from cryptoml.config import PaperBrokerParams, SimulateParams
+from cryptoml.errors import DataValidationError
 from cryptoml.simulate.slippage import slippage_frac_one
 
 SIDES = ("buy", "sell")
@@ -58,32 +58,6 @@ PROTECTIVE_KINDS = ("stop", "take_profit")
 STATE_FORMAT = 1
 _ORDER_ID_RE = re.compile(r"^[A-Za-z0-9._:/-]{1,64}$")
 _PURPOSE_CODES = {"entry": "en", "exit": "ex", "stop": "sl", "take_profit": "tp", "limit": "lm"}
-
-
-@dataclass(frozen=True)
-class PaperBrokerParams:
-    """Costs and fill assumptions of the paper broker (a flat section of params.yaml, e.g. ``broker``)."""
-
-    taker_fee_bps: float = 4.0  # market, stop, take-profit and marketable limit fills (Binance USDⓈ-M taker)
-    maker_fee_bps: float = 2.0  # resting limit fills
-    limit_fill_probability: float = 0.5  # chance a resting limit fills on a bar that trades through it
-    seed: int = 0
-    spread_pct: float = 0.01  # assumed bid-ask spread in percent of price when no book is passed (1 bp)
-    depth_usd: float = 250_000.0  # assumed top-of-book depth (both sides, USD) when no book is passed
-    book_exhausted_penalty_bps: float = 50.0  # beyond the book's last level: last price worsened by this
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the first invalid field (``broker.<field>``)."""
-        for name in ("taker_fee_bps", "maker_fee_bps", "spread_pct", "book_exhausted_penalty_bps"):
-            value = getattr(self, name)
-            if not _finite(value) or value < 0:
-                raise ConfigError(f"broker.{name} must be a finite number >= 0, got {value!r}")
-        if not _finite(self.depth_usd) or self.depth_usd <= 0:
-            raise ConfigError(f"broker.depth_usd must be a finite number > 0, got {self.depth_usd!r}")
-        if not _finite(self.limit_fill_probability) or not 0 <= self.limit_fill_probability <= 1:
-            raise ConfigError(f"broker.limit_fill_probability must be in [0, 1], got {self.limit_fill_probability!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ConfigError(f"broker.seed must be an integer >= 0, got {self.seed!r}")
 
 
 @dataclass(frozen=True)

@@ -39,47 +39,11 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-from cryptoml.errors import ConfigError, DataValidationError
+from cryptoml.config import StrategyParams
+from cryptoml.errors import DataValidationError
 
 DAY_MS = 86_400_000
 ACTIONS = ("enter_long", "enter_short", "exit", "hold")
-
-
-@dataclass(frozen=True)
-class StrategyParams:
-    """Thresholds and risk limits of the rule set (``strategy`` section of params.yaml)."""
-
-    entry_bps: float = 8.0  # enter long above +entry_bps predicted forward return, short below -entry_bps
-    exit_reversal_bps: float = 4.5  # exit a long below -this, a short above +this
-    stop_loss_pct: float = 1.0  # percent of the entry price
-    take_profit_pct: float = 3.0  # percent of the entry price
-    cooldown_minutes: float = 3.0  # no new entry until this long after an exit (bar-close times)
-    kill_switch_drawdown_pct: float = 3.0  # percent below the UTC day's starting equity
-    base_capital: float = 10_000.0  # starting cash of the account (quote currency, USD(T))
-    # Notional of a new position as a fraction of current equity. 1.0 = fully invested, no leverage: with the
-    # 1 % stop a stopped trade costs about 1 % of equity plus fees, so the 3 % kill switch allows ~3 losers a day.
-    position_fraction: float = 1.0
-    max_bar_age_seconds: float = 150.0  # no NEW entries when now - bar close exceeds this
-    allow_short: bool = True
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the first invalid field (``strategy.<field>``)."""
-        for name in ("entry_bps", "exit_reversal_bps", "cooldown_minutes"):
-            if not _finite(getattr(self, name)) or getattr(self, name) < 0:
-                raise ConfigError(f"strategy.{name} must be a finite number >= 0, got {getattr(self, name)!r}")
-        for name in ("stop_loss_pct", "take_profit_pct", "base_capital", "max_bar_age_seconds"):
-            if not _finite(getattr(self, name)) or getattr(self, name) <= 0:
-                raise ConfigError(f"strategy.{name} must be a finite number > 0, got {getattr(self, name)!r}")
-        if self.stop_loss_pct >= 100:
-            raise ConfigError(f"strategy.stop_loss_pct must be < 100, got {self.stop_loss_pct!r}")
-        if not _finite(self.kill_switch_drawdown_pct) or not 0 < self.kill_switch_drawdown_pct <= 100:
-            raise ConfigError(
-                f"strategy.kill_switch_drawdown_pct must be in (0, 100], got {self.kill_switch_drawdown_pct!r}"
-            )
-        if not _finite(self.position_fraction) or not 0 < self.position_fraction <= 10:
-            raise ConfigError(f"strategy.position_fraction must be in (0, 10], got {self.position_fraction!r}")
-        if not isinstance(self.allow_short, bool):
-            raise ConfigError(f"strategy.allow_short must be true or false, got {self.allow_short!r}")
 
 
 @dataclass(frozen=True)
