@@ -153,11 +153,12 @@ def collect(
     typer.echo(json.dumps(result))
 
 
-def _stage(flow_attr: str, params: str) -> dict[str, Any]:
+def _stage(flow_attr: str, params: str, module: str = "flows.opportunity", **kwargs: Any) -> dict[str, Any]:
     def body() -> dict[str, Any]:
-        import flows.opportunity as stages
+        import importlib
 
-        result: dict[str, Any] = getattr(stages, flow_attr)(params_path=params)
+        stages = importlib.import_module(module)
+        result: dict[str, Any] = getattr(stages, flow_attr)(params_path=params, **kwargs)
         return result
 
     return run_guarded(body)
@@ -194,6 +195,76 @@ def train(params: ParamsOpt = "params.yaml") -> None:
     print_ml_vs_rule(r)
 
 
+@app.command("price-features")
+def price_features(params: ParamsOpt = "params.yaml") -> None:
+    """Bars + 19 technical features of price.symbol, and the sentiment table of the Keras variant."""
+    r = _stage("price_features_flow", params, "flows.price")
+    typer.echo(
+        f"price features: {r['bars']} bars x {r['features']} features -> data/price_features.parquet; "
+        f"sentiment: {r['sentiment_rows']} readings ({r['sentiment_source']})"
+    )
+
+
+@app.command("train-price-lgbm")
+def train_price_lgbm(
+    horizon_minutes: Annotated[
+        int | None, typer.Option(help="forward-return horizon (default price.horizon_minutes)")
+    ] = None,
+    params: ParamsOpt = "params.yaml",
+) -> None:
+    """Train the LightGBM forward-return model on the 19 technical features."""
+    r = _stage("train_price_lgbm_flow", params, "flows.price", horizon_minutes=horizon_minutes)
+    typer.echo(
+        f"price_lgbm ({r['horizon_minutes']} min): IC {r['ic']:.4f} (persistence {r['persistence_ic']:.4f}), "
+        f"RMSE {r['rmse']:.3e} (no-move {r['zero_rmse']:.3e}), 8-bps rule Sharpe {r['rule_sharpe']:.2f}"
+    )
+
+
+@app.command("train-price-keras")
+def train_price_keras(
+    epochs: Annotated[int | None, typer.Option(help="training epochs (default price_keras.epochs)")] = None,
+    params: ParamsOpt = "params.yaml",
+) -> None:
+    """Train the Keras CNN+LSTM next-bar models (price-only, and with sentiment when a table is given)."""
+    r = _stage("train_price_keras_flow", params, "flows.price", epochs=epochs)
+    typer.echo(f"price_keras: {r['sentiment_reason']}")
+    for name in r["models"]:
+        m = r[name]
+        typer.echo(
+            f"  {name}: mse {m['mse']:.3e} (persistence {m['persistence_mse']:.3e}), "
+            f"direction {m['directional_accuracy']:.3f} (persistence {m['persistence_directional_accuracy']:.3f})"
+        )
+
+
+@app.command()
+def export(
+    family: Annotated[str, typer.Argument(help="opportunity | price_lgbm | price_keras")],
+    params: ParamsOpt = "params.yaml",
+) -> None:
+    """Export a model family to ONNX bundles under models/<name>/, gated by parity on the holdout."""
+    r = _stage("export_flow", params, "flows.price", family=family)
+    for row in r["models"]:
+        if row["exported"]:
+            typer.echo(
+                f"{row['name']}: models/{row['name']}/  parity {row['parity_max_abs_diff']:.1e} "
+                f"<= {row['parity_tolerance']:.0e} on {row['holdout_rows']} holdout rows"
+            )
+        else:
+            typer.echo(f"{row['name']}: not trained ({row['reason']})")
+
+
+@app.command()
+def register(params: ParamsOpt = "params.yaml") -> None:
+    """Register every exported bundle in MLflow as `challenger` (a bundle already registered is skipped)."""
+    r = _stage("register_flow", params, "flows.price")
+    for name, row in r.items():
+        if row["registered"]:
+            state = "new version" if row["new_version"] else "unchanged"
+            typer.echo(f"{name}: v{row['version']} ({state}), holdout {row['metric']} {row['holdout_value']:.4g}")
+        else:
+            typer.echo(f"{name}: not registered ({row['reason']})")
+
+
 def print_ml_vs_rule(r: dict[str, Any]) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -215,6 +286,68 @@ def print_ml_vs_rule(r: dict[str, Any]) -> None:
     )
     table.add_row("all entries", "", f"{r['all_entries_mean_profit_pct']:+.4f}", "")
     Console().print(table)
+
+
+def _model_rows(reports: Path) -> list[tuple[str, str, float | None, float | None, str]]:
+    """(model, metric, value, baseline value, baseline name) from the training reports that exist."""
+
+    def load(name: str) -> dict[str, Any]:
+        path = reports / name
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    rows: list[tuple[str, str, float | None, float | None, str]] = []
+    opp = load("train_opportunity.json")
+    if opp:
+        rows += [
+            ("opportunity_profit", "R² (test)", opp.get("profit_r2"), 0.0, "mean of train"),
+            ("opportunity_success", "AUC", opp.get("success_auc"), opp.get("rule_auc_fund_apr"), "rule: fund APR"),
+            (
+                "opportunity_hold",
+                "MAE hours",
+                opp.get("hold_mae_hours"),
+                opp.get("hold_baseline_median_mae_hours"),
+                "median hold",
+            ),
+        ]
+    lgbm = load("train_price_lgbm.json")
+    if lgbm:
+        rows.append(
+            ("price_lgbm", f"IC {lgbm['horizon_minutes']}m", lgbm.get("ic"), lgbm.get("persistence_ic"), "persistence")
+        )
+    keras_report = load("train_price_keras.json")
+    for name in ("price_cnn_lstm", "price_cnn_lstm_sentiment"):
+        if name in keras_report:
+            m = keras_report[name]
+            rows.append((name, "MSE next bar", m.get("mse"), m.get("zero_mse"), "no move"))
+    return rows
+
+
+def print_model_table(reports: Path) -> None:
+    """Each model: headline metric vs its baseline, registered version and aliases (the end of `make run`)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = _model_rows(reports)
+    if not rows:
+        return
+    registry_path = reports / "registry.json"
+    registry = json.loads(registry_path.read_text()) if registry_path.exists() else {}
+    table = Table(title="Models (test window) and their registry state")
+    for col in ("model", "metric", "model value", "baseline", "version", "aliases"):
+        table.add_column(col, justify="left" if col in ("model", "metric", "aliases") else "right", no_wrap=True)
+
+    def fmt(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.5g}"
+
+    for name, metric, value, base, base_name in rows:
+        reg = registry.get(name, {})
+        version = f"v{reg['version']}" if reg.get("registered") else "-"
+        aliases = ", ".join(reg.get("aliases", [])) if reg.get("registered") else reg.get("reason", "not registered")
+        table.add_row(name, metric, fmt(value), f"{fmt(base)} ({base_name})", version, aliases)
+    keras_report = reports / "train_price_keras.json"
+    if keras_report.exists():
+        table.caption = json.loads(keras_report.read_text()).get("sentiment_reason", "")
+    Console(width=max(Console().width, 120)).print(table)
 
 
 @app.command()
@@ -256,11 +389,164 @@ def summary(params: ParamsOpt = "params.yaml") -> None:
             typer.echo(f"positions:  {positions}  (simulated funding-arbitrage positions)")
         train_report = reports / "train_opportunity.json"
         if train_report.exists():
-            typer.echo(f"models:     models/opportunity/  (reports in {reports}/opportunity/)")
+            typer.echo(f"models:     models/<name>/ ONNX bundles, natives in models/native/ (reports in {reports}/)")
             print_ml_vs_rule(json.loads(train_report.read_text()))
-            typer.echo("MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db")
+        print_model_table(reports)
+        if (reports / "registry.json").exists():
+            typer.echo(
+                "MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db "
+                "--default-artifact-root mlruns/artifacts  (then open http://127.0.0.1:5000)"
+            )
 
     run_guarded(body)
+
+
+@app.command()
+def promote(
+    name: Annotated[str, typer.Argument(help="registered model name, e.g. price_lgbm")],
+    version: Annotated[
+        str | None, typer.Option("--version", help="version to promote (default: the challenger)")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="promote even if not better (needs --reason)")] = False,
+    reason: Annotated[str | None, typer.Option("--reason", help="why --force overrides the holdout check")] = None,
+    params: ParamsOpt = "params.yaml",
+) -> None:
+    """Move `champion` to a version only if it beats the champion on the same holdout by the margin in params.
+
+    A refusal is a normal outcome (exit 0, printed as "refused: ..."); a corrupt or feature-mismatched
+    bundle exits 4 (ModelContractError).
+    """
+
+    def body() -> Any:
+        from cryptoml.config import load_params
+        from tasks.registry import promote as promote_version
+
+        margin = load_params(params).registry.margin_for(name)
+        return promote_version(name, version, margin=margin, force=force, reason=reason)
+
+    d = run_guarded(body)
+    if d.status == "refused":
+        typer.secho(
+            f"refused: {d.name} v{d.version} stays challenger; champion remains v{d.champion_version}", bold=True
+        )
+    elif d.status == "already_champion":
+        typer.echo(f"{d.name} v{d.version} is already the champion")
+    else:
+        typer.secho(f"{d.status}: {d.name} v{d.version} is now the champion", bold=True)
+    typer.echo(f"  {d.reason}")
+
+
+@app.command()
+def compare(
+    name: Annotated[str, typer.Argument(help="registered model name")],
+    v1: Annotated[str, typer.Argument(help="first version")],
+    v2: Annotated[str, typer.Argument(help="second version")],
+    on: Annotated[str | None, typer.Option("--on", help="version whose holdout scores both (default: newer)")] = None,
+) -> None:
+    """Two versions of a model side by side, both scored on the same holdout."""
+
+    def body() -> Any:
+        from tasks.registry import compare as compare_versions
+
+        return compare_versions(name, v1, v2, on=on)
+
+    rows = run_guarded(body)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{name}: v{v1} vs v{v2}")
+    table.add_column("")
+    table.add_column(f"v{v1}", justify="right")
+    table.add_column(f"v{v2}", justify="right")
+
+    def cell(value: Any, wins: bool) -> str:
+        text = f"{value:.6g}" if isinstance(value, float) else str(value)
+        return f"[bold green]{text}[/]" if wins else text
+
+    for row in rows[1:]:  # the first row is the version numbers, already in the header
+        table.add_row(row.field, cell(row.first, row.better == 1), cell(row.second, row.better == 2))
+    Console().print(table)
+
+
+def _edge_guard(fn: Callable[[], T]) -> T:
+    """run_guarded for the edge commands: same error mapping, without the pipeline's rich progress display."""
+    try:
+        return fn()
+    except CryptoMLError as e:
+        raise _fail(f"{type(e).__name__}: {e}", e.exit_code) from None
+    except KeyboardInterrupt:
+        raise _fail("interrupted", 130) from None
+
+
+@app.command()
+def live(
+    paper: Annotated[
+        bool, typer.Option("--paper/--live", help="paper trading (default); --live is not offered yet")
+    ] = True,
+    exchange: Annotated[str | None, typer.Option(help="ccxt exchange id (default live.exchange)")] = None,
+    symbol: Annotated[
+        str | None, typer.Option(help="unified symbol, e.g. BTC/USDT:USDT (default live.symbols)")
+    ] = None,
+    api_url: Annotated[str | None, typer.Option(help="base URL replacing the exchange's API host")] = None,
+    state: Annotated[str | None, typer.Option(help="SQLite state file (default live.state_path)")] = None,
+    models: Annotated[str | None, typer.Option(help="bundles folder (default live.models_dir)")] = None,
+    registry_url: Annotated[str | None, typer.Option(help="MLflow server to follow `champion` from")] = None,
+    until: Annotated[str | None, typer.Option(help="stop after the bar opening at this ISO-8601 UTC time")] = None,
+    max_bars: Annotated[int | None, typer.Option(help="stop after processing this many bars")] = None,
+    clock_start: Annotated[str | None, typer.Option(help="replay: the clock starts at this UTC time")] = None,
+    clock_speed: Annotated[float, typer.Option(help="replay: simulated seconds per wall second")] = 1.0,
+    reset_kill_switch: Annotated[bool, typer.Option(help="untrip the kill switch before starting")] = False,
+    log_level: Annotated[str, typer.Option(help="DEBUG | INFO | WARNING")] = "INFO",
+    params: ParamsOpt = "params.yaml",
+) -> None:
+    """Run the edge runner: closed 1-minute candles -> ONNX predictions -> strategy -> paper broker -> SQLite."""
+    import logging
+
+    def body() -> dict[str, Any]:
+        import time as _time
+
+        from cryptoml.config import load_params, parse_utc_ms, replace_section
+        from cryptoml.edge.runner import ModelSource, Runner, check_symbol
+        from cryptoml.edge.state import StateStore
+        from cryptoml.market.exchange import make_exchange
+        from cryptoml.trading.strategy import reset_kill_switch as reset
+
+        if not paper:
+            raise ConfigError(
+                "--live: a live exchange broker is not part of this version; the runner trades on paper only"
+            )
+        p = load_params(params)
+        p = replace_section(
+            p, "live", exchange=exchange, models_dir=models, registry_url=registry_url, state_path=state
+        )
+        sym = check_symbol(p.live.symbols, symbol)
+        clock, start_ms = None, None
+        if clock_start is not None:
+            start_ms, t0 = parse_utc_ms(clock_start, "--clock-start"), _time.monotonic()
+            origin = start_ms
+            if clock_speed <= 0:
+                raise ConfigError(f"--clock-speed must be > 0, got {clock_speed}")
+
+            def clock() -> int:
+                return origin + int((_time.monotonic() - t0) * clock_speed * 1000)
+
+        client = make_exchange(p.live.exchange, api_url=api_url, timeout_ms=p.fetch.timeout_ms)
+        state_path = Path(p.live.state_path)
+        state_path.parent.mkdir(parents=True, exist_ok=True)
+        with StateStore(state_path) as store:
+            runner = Runner(
+                exchange=client, symbol=sym, store=store,
+                models=ModelSource(Path(p.live.models_dir), p.live.registry_url, p.live.shadow),
+                strategy=p.strategy, broker_params=p.broker, live=p.live, clock_ms=clock,
+                sleep=(lambda s: _time.sleep(s / clock_speed)) if clock_start else _time.sleep, start_ms=start_ms,
+            )  # fmt: skip
+            if reset_kill_switch:
+                runner.state = reset(runner.state)
+            stats = runner.run(until_ms=parse_utc_ms(until, "--until") if until else None, max_bars=max_bars)
+            return {"bars": stats.bars, "fills": stats.fills, "errors": stats.errors, "state": str(state_path)}
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    typer.echo(json.dumps(_edge_guard(body)))
 
 
 def main() -> None:

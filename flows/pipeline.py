@@ -8,25 +8,27 @@ from prefect import flow
 
 from flows.backfill import backfill_flow
 from flows.opportunity import opportunity_features_flow, simulate_flow, snapshots_flow, train_opportunity_flow
+from flows.price import export_flow, price_features_flow, register_flow, train_price_keras_flow, train_price_lgbm_flow
 from flows.validate import validate_flow
+from tasks.export import FAMILIES
 
 
 @flow(name="pipeline", log_prints=True)
 def pipeline_flow(params_path: str = "params.yaml") -> dict[str, Any]:
-    backfill = backfill_flow(params_path=params_path)
-    validation = validate_flow(params_path=params_path)
-    snapshots = snapshots_flow(params_path=params_path)
-    simulate = simulate_flow(params_path=params_path)
-    features = opportunity_features_flow(params_path=params_path)
-    train = train_opportunity_flow(params_path=params_path)
-    return {
-        "backfill": backfill,
-        "validate": validation,
-        "snapshots": snapshots,
-        "simulate": simulate,
-        "opportunity_features": features,
-        "train_opportunity": train,
-    }
+    """backfill -> validate -> snapshots -> simulate -> features -> train (3 branches) -> export -> register."""
+    out: dict[str, Any] = {}
+    out["backfill"] = backfill_flow(params_path=params_path)
+    out["validate"] = validate_flow(params_path=params_path)
+    out["snapshots"] = snapshots_flow(params_path=params_path)
+    out["simulate"] = simulate_flow(params_path=params_path)
+    out["opportunity_features"] = opportunity_features_flow(params_path=params_path)
+    out["price_features"] = price_features_flow(params_path=params_path)
+    out["train_opportunity"] = train_opportunity_flow(params_path=params_path)
+    out["train_price_lgbm"] = train_price_lgbm_flow(params_path=params_path)
+    out["train_price_keras"] = train_price_keras_flow(params_path=params_path)
+    out["export"] = {family: export_flow(family, params_path=params_path) for family in FAMILIES}
+    out["register"] = register_flow(params_path=params_path)
+    return out
 
 
 if __name__ == "__main__":

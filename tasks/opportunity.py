@@ -27,7 +27,7 @@ SNAPSHOTS = Path("data/snapshots.parquet")
 OPPORTUNITIES = Path("data/opportunities.parquet")
 POSITIONS = Path("data/positions.parquet")
 FEATURES = Path("data/opportunity_features.parquet")
-MODEL_DIR = Path("models/opportunity")
+MODEL_DIR = Path("models/native/opportunity")  # native boosters; the ONNX bundles are models/<name>/
 REPORT_DIR = Path("reports/opportunity")
 
 
@@ -160,6 +160,7 @@ def train_task(params: Params) -> dict[str, Any]:
         model.booster_.save_model(str(paths[name]))
     data = data_hash(FEATURES)
     commit = git_commit()
+    _write_holdouts(result, positions, features)
     meta = {
         "feature_names": list(result.feature_names),
         "hold_feature_names": list(result.hold_feature_names),
@@ -171,6 +172,9 @@ def train_task(params: Params) -> dict[str, Any]:
             "last_entry_ms": result.split.last_entry_ms,
         },
         "sizing": result.metrics["sizing"],
+        "metrics": {  # the bundles' headline metrics (finite numbers only)
+            key: tracking.numeric_metrics(result.metrics[key]) for key in ("profit", "success", "hold")
+        },
         "synthetic": params.market.source == "synthetic",
         "data": data,
     }
@@ -197,6 +201,43 @@ def train_task(params: Params) -> dict[str, Any]:
         run_id = mlflow.active_run().info.run_id
     log.info("train_opportunity: MLflow run %s", run_id)
     return {**headline, "mlflow_run_id": run_id}
+
+
+def _write_holdouts(result: Any, positions: Any, features: Any) -> None:
+    """The test window of each opportunity model (raw features + label), for export parity and the registry."""
+    import numpy as np
+
+    from cryptoml.models.holdout import Holdout, save_holdout
+    from tasks.price import holdout_path
+
+    rows = result.test_rows
+    ts = positions["ts_ms"].to_numpy(dtype=np.int64)
+    X = features[list(result.feature_names)].to_numpy(dtype=np.float32)
+    for name, label, column, metric in (
+        ("opportunity_profit", "actual_profit_pct", "actual_profit_pct", "rmse"),
+        ("opportunity_success", "was_profitable", "was_profitable", "auc"),
+    ):
+        y = positions[column].to_numpy()[rows].astype(np.float64)
+        save_holdout(
+            holdout_path("opportunity", name),
+            Holdout(
+                X=X[rows], y=y, ts_ms=ts[rows], feature_names=tuple(result.feature_names), metric=metric, label=label
+            ),
+        )
+    hold_rows = result.hold_test_rows
+    X_entry = features[list(result.hold_feature_names)].to_numpy(dtype=np.float32)
+    save_holdout(
+        holdout_path("opportunity", "opportunity_hold"),
+        Holdout(
+            X=X_entry[hold_rows],
+            y=result.hold_test_hours,
+            ts_ms=ts[hold_rows],
+            feature_names=tuple(result.hold_feature_names),
+            metric="mae_hours",
+            label="best simulated hold (hours) among the entry's simulated holds",
+            candidates=result.hold_test_available,  # the prediction picks among the same holds
+        ),
+    )
 
 
 def headline_metrics(metrics: dict[str, Any]) -> dict[str, Any]:

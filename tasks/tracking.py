@@ -23,6 +23,9 @@ def tracking_uri() -> str:
 
 def _mlflow() -> Any:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # MLflow 3 honours this (DO_NOT_TRACK only as "true")
+    # A tracking server that is down should fail in seconds, not after minutes of default retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
     import mlflow
 
     uri = tracking_uri()

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ["DO_NOT_TRACK"] = "1"
+os.environ["DO_NOT_TRACK"] = "true"
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["DVC_NO_ANALYTICS"] = "1"
 if "PREFECT_HOME" not in os.environ:
     _prefect_home = tempfile.mkdtemp(prefix="cryptoml-prefect-")

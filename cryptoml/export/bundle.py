@@ -271,6 +271,44 @@ class Bundle:
             return out[:, 0]
         return out
 
+    def predict_raw(self, X_raw: Any) -> np.ndarray:
+        """:meth:`predict` of raw, unscaled inputs: ``meta["scaler"]`` is applied first and the output mapped
+        back to the target's units; without a scaler this equals :meth:`predict`.
+
+        Scaler kind ``minmax`` (``MinMaxScaling.to_dict()`` of :mod:`cryptoml.models.price_keras`): inputs
+        ``(x - feature_min) / (feature_max - feature_min)`` per feature (last axis), with the span taken as
+        1 where max == min, cast to float32; output ``y * target.std + target.mean`` when ``target`` is given.
+        """
+        scaler = self.meta.get("scaler")
+        if scaler is None:
+            return self.predict(X_raw)
+        where = f"model {self.name}: scaler"
+        if scaler.get("kind") != "minmax":
+            raise ModelContractError(f"{where}: unknown kind {scaler.get('kind')!r} (this code applies 'minmax')")
+        try:
+            lo = np.asarray(scaler["feature_min"], dtype=np.float64)
+            hi = np.asarray(scaler["feature_max"], dtype=np.float64)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelContractError(f"{where}: needs numeric lists feature_min and feature_max ({e!r})") from e
+        names = scaler.get("feature_names")
+        if lo.shape != (len(self.feature_names),) or hi.shape != lo.shape:
+            raise ModelContractError(
+                f"{where}: {lo.size} minima / {hi.size} maxima for {len(self.feature_names)} feature_names"
+            )
+        if names is not None:
+            check_features(names, self.feature_names, where)
+        span = hi - lo
+        span = np.where(span > 0, span, 1.0)
+        out = self.predict(((np.asarray(X_raw, dtype=np.float64) - lo) / span).astype(np.float32))
+        target = scaler.get("target")
+        if target is None:
+            return out
+        try:
+            mean, std = float(target["mean"]), float(target["std"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise ModelContractError(f"{where}: target needs numeric mean and std ({e!r})") from e
+        return out * std + mean
+
 
 def write_bundle(out_dir: Path, onnx_bytes: bytes, meta: Mapping[str, Any]) -> Path:
     """Write ``model.onnx`` and ``model_meta.json`` into ``out_dir`` (the bundle folder); returns ``out_dir``.
@@ -332,3 +370,31 @@ def load_bundle(path: Path, expected_features: Sequence[str] | None = None, *, i
     if expected_features is not None:
         check_features(meta["feature_names"], expected_features, where)
     return Bundle(path=path, meta=meta, session=session)
+
+
+def check_parity_sample(bundle: Bundle) -> float:
+    """Replay the bundle's ``parity_sample`` (inputs + native outputs stored at export) through this runtime.
+
+    Returns the max abs difference; raises :class:`ModelContractError` when the sample is missing or
+    malformed, or the difference exceeds the bundle's parity tolerance (a model that would not predict
+    here what it predicted where it was trained).
+    """
+    where = f"bundle {bundle.path}"
+    sample = bundle.meta.get("parity_sample")
+    try:
+        inputs = np.asarray(sample["inputs"], dtype=np.float32)  # type: ignore[index]
+        expected = np.asarray(sample["expected"], dtype=np.float64)  # type: ignore[index]
+        tolerance = float(bundle.meta["parity"]["tolerance"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelContractError(f"{where}: no usable parity_sample in its meta ({e!r})") from e
+    got = bundle.predict(inputs)
+    if got.shape != expected.shape and got.size == expected.size:
+        got = got.reshape(expected.shape)
+    if got.shape != expected.shape:
+        raise ModelContractError(f"{where}: parity sample gives shape {got.shape}, expected {expected.shape}")
+    diff = float(np.max(np.abs(got - expected))) if got.size else 0.0
+    if not diff <= tolerance:
+        raise ModelContractError(
+            f"{where}: parity sample differs by {diff:.3g} > tolerance {tolerance:g}: refusing the model"
+        )
+    return diff

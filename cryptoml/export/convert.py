@@ -32,6 +32,7 @@ INPUT_NAME = "input"
 TREE_OPSET = 15  # onnxmltools' highest supported opset
 NETWORK_OPSET = 17
 KERAS_OUTPUT = "y"
+PARITY_SAMPLE_ROWS = 4
 
 # Per kind: ONNX output holding the prediction, how to read it, parity tolerance.
 _PREDICTION = {
@@ -375,6 +376,10 @@ def export_model(
     # Score through Bundle.predict: the gate then covers the exact path the edge runner serves.
     served = Bundle(path=Path(out_dir), meta=meta, session=open_session(onnx_bytes, where)).predict(X)
     meta["parity"] = check_parity(native, served, tolerance, name=f"{name} ({kind})")
+    # A few inputs with the native model's outputs: a consumer that swaps models in (the edge runner)
+    # replays them through its own onnxruntime before trusting the bundle.
+    k = min(PARITY_SAMPLE_ROWS, len(X))
+    meta["parity_sample"] = {"inputs": X[:k].astype(np.float64).tolist(), "expected": native[:k].tolist()}
     return write_bundle(Path(out_dir), onnx_bytes, meta)
 
 

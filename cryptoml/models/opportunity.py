@@ -325,6 +325,12 @@ class TrainResult:
     metrics: dict[str, Any]
     split: SplitInfo
     artifacts: dict[str, Path] = field(default_factory=dict)
+    # The test window, for holdout files: rows of ``positions`` (profit / success models) and, for the hold
+    # model, the first position row of each test entry with >= 2 simulated holds and its best simulated hold.
+    test_rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    hold_test_rows: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
+    hold_test_hours: np.ndarray = field(default_factory=lambda: np.empty(0, np.float64))
+    hold_test_available: np.ndarray = field(default_factory=lambda: np.empty((0, 0), bool))  # holds simulated
 
 
 def _check_positions(positions: pd.DataFrame) -> pd.DataFrame:
@@ -507,4 +513,8 @@ def train_opportunity_models(
         metrics=metrics,
         split=split,
         artifacts=artifacts,
+        test_rows=np.asarray(test, dtype=np.int64),
+        hold_test_rows=np.asarray(first_row[te], dtype=np.int64),
+        hold_test_hours=np.asarray(best_hold[te], dtype=np.float64),
+        hold_test_available=np.asarray(available[te], dtype=bool),
     )

@@ -239,6 +239,11 @@ class PriceKerasModel:
     split: dict[str, Any]
     fit_seconds: float
     artifacts: dict[str, Path] = field(default_factory=dict)
+    # The test windows (raw, unscaled: (n, window_bars, n_features) float32), their targets and window-end
+    # bar-open times, for holdout files.
+    test_windows: np.ndarray = field(default_factory=lambda: np.empty((0, 0, 0), np.float32))
+    test_y: np.ndarray = field(default_factory=lambda: np.empty(0, np.float64))
+    test_ts_ms: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
 
     def predict(self, raw_windows: np.ndarray, batch_size: int = 1024) -> np.ndarray:
         """Next-bar log return for raw (unscaled) windows of shape ``(n, window_bars, n_features)``."""
@@ -389,6 +394,9 @@ def _train_variant(
         split=split,
         fit_seconds=fit_seconds,
         artifacts=artifacts,
+        test_windows=make_windows(values, ends[te], window).astype(np.float32),
+        test_y=y_test.astype(np.float64),
+        test_ts_ms=ts[ends[te]].astype(np.int64),
     )
 
 
@@ -458,3 +466,34 @@ def train_price_keras(
     except DataValidationError as e:
         return PriceKerasResult(models, f"sentiment table covers too few bars, trained only the price-only model: {e}")
     return PriceKerasResult(models, "sentiment table given: trained the price-only and the sentiment models")
+
+
+def save_keras_model(model: keras.Model, path: Path) -> Path:
+    """Save ``model`` as a ``.keras`` archive, atomically and byte-stable (same weights -> same bytes).
+
+    Keras stamps ``metadata.json`` with the save time and the weights entry with the zip's clock; both are
+    normalised (``date_saved`` dropped, every entry dated 1980-01-01) so a DVC output does not change
+    when the model does not.
+    """
+    import tempfile
+    import zipfile
+
+    from cryptoml.atomic import atomic_path
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        raw = Path(tmp) / "raw.keras"
+        model.save(raw)
+        with zipfile.ZipFile(raw) as src, atomic_path(target) as out, zipfile.ZipFile(out, "w") as dst:
+            for info in src.infolist():
+                data = src.read(info)
+                if info.filename == "metadata.json":
+                    meta = json.loads(data)
+                    meta.pop("date_saved", None)
+                    data = json.dumps(meta, sort_keys=True).encode()
+                entry = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))
+                entry.compress_type = info.compress_type
+                entry.external_attr = info.external_attr
+                dst.writestr(entry, data)
+    return target

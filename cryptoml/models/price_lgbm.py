@@ -112,14 +112,25 @@ class PriceDataset(NamedTuple):
     ts_ms: np.ndarray  # bar-open time of each row, int64
 
 
-def make_price_dataset(ohlcv: pd.DataFrame, horizon_minutes: int) -> PriceDataset:
+def make_price_dataset(ohlcv: pd.DataFrame, horizon_minutes: int, features: pd.DataFrame | None = None) -> PriceDataset:
     """Features of every non-warm-up bar that has a target, the target and the bar times.
 
-    Rows dropped: warm-up rows (features NaN) and rows without a forward bar ``h`` minutes later.
-    Raises :class:`DataValidationError` on invalid bars (see ``technical_features``) or when no row is left.
+    ``features``: the output of :func:`technical_features` for these bars, when already computed (the
+    ``price_features`` stage stores it); None computes it here. Rows dropped: warm-up rows (features NaN)
+    and rows without a forward bar ``h`` minutes later. Raises :class:`DataValidationError` on invalid bars
+    (see ``technical_features``), on precomputed features that do not match the bars, or when no row is left.
     """
     h = _checked_horizon(horizon_minutes)
-    feats = technical_features(ohlcv)
+    if features is None:
+        feats = technical_features(ohlcv)
+    else:
+        missing = [c for c in ("is_warmup", *TECHNICAL_FEATURES) if c not in features.columns]
+        if missing or len(features) != len(ohlcv):
+            raise DataValidationError(
+                f"make_price_dataset: precomputed features do not match the bars ({len(features)} rows for "
+                f"{len(ohlcv)} bars; missing columns {missing})"
+            )
+        feats = features.reset_index(drop=True)
     y = forward_return_target(ohlcv, h).to_numpy()
     keep = ~feats["is_warmup"].to_numpy(dtype=bool) & np.isfinite(y)
     if not keep.any():
@@ -472,6 +483,7 @@ class PriceLgbmResult:
     split: dict[str, Any]
     fit_seconds: float
     artifacts: dict[str, Path] = field(default_factory=dict)
+    test: PriceDataset | None = None  # the test window's rows (features, target, bar times), for holdout files
 
 
 def _json_safe(value: Any) -> Any:
@@ -493,6 +505,7 @@ def train_price_lgbm(
     valid_frac: float = 0.15,
     threshold_bps: float = 8.0,
     out_dir: Path | None = None,
+    features: pd.DataFrame | None = None,
     **model_params: Any,
 ) -> PriceLgbmResult:
     """Fit :class:`ForwardReturnModel` on one symbol's 1-minute bars and evaluate it on the test window.
@@ -504,9 +517,10 @@ def train_price_lgbm(
     "best_iteration", "horizon_minutes", "threshold_bps"}`` (see the module docstring for the baselines).
     With ``out_dir``, writes ``metrics.json`` (NaN as null, plus the split) and ``importance.csv``.
     ``fit_seconds`` (wall clock of the fit) is returned but not written, so the files are reproducible.
+    ``features``: precomputed :func:`technical_features` of ``ohlcv`` (see :func:`make_price_dataset`).
     """
     h = _checked_horizon(horizon_minutes)
-    data = make_price_dataset(ohlcv, h)
+    data = make_price_dataset(ohlcv, h, features)
     split = purged_price_split(data.ts_ms, h, train_frac, valid_frac)
     bar_ts = ohlcv["ts_ms"].to_numpy(dtype=np.int64)
     persistence = trailing_return(ohlcv, h).to_numpy()[np.searchsorted(bar_ts, data.ts_ms)]
@@ -560,4 +574,5 @@ def train_price_lgbm(
         split=split_info,
         fit_seconds=fit_seconds,
         artifacts=artifacts,
+        test=PriceDataset(X=X.iloc[te].reset_index(drop=True), y=y[te], ts_ms=ts[te]),
     )

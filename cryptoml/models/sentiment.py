@@ -190,3 +190,68 @@ def choose_price_model(available: Mapping[str, Any] | None, has_sentiment_now: b
     reason = f"{why}, and the price-only model is not available either: no price forecast"
     log.warning("choose_price_model: %s", reason)
     return None, reason
+
+
+def synthetic_sentiment(
+    bar_ts_ms: Any, close: Any, seed: int, interval_minutes: int = 5, lookback_bars: int = 60
+) -> pd.DataFrame:
+    """A seeded sentiment table for the embedded synthetic market: a reaction to **past** prices plus noise.
+
+    One reading every ``interval_minutes`` at minute-aligned times ``r``; each uses only bars closed by
+    ``r`` (bar ``t`` closes at ``bar_ts_ms[t] + 60_000``), so it carries no information about later
+    prices: a model that gains from it on synthetic data would reveal a leak. Columns follow the schema of
+    this module (all finite): score = tanh(60-bar return x 50 + AR(1) noise), volume = lognormal attention
+    growing with |60-bar return|, momentum = score change over 12 readings, freshness = minutes since the
+    latest item (uniform 0..interval), consensus = 1 - |noise| clipped to [0, 1], extremes = share of
+    readings with |score| > 0.5 over 12 readings, trend = least-squares slope of the score over 72
+    readings, volatility = std of the score over 12 readings.
+    """
+    import pandas as pd
+
+    bars = np.asarray(bar_ts_ms, dtype=np.int64)
+    px = np.asarray(close, dtype=np.float64)
+    if bars.size != px.size or bars.size <= lookback_bars:
+        raise DataValidationError(f"synthetic_sentiment: need more than {lookback_bars} bars with one close each")
+    step = interval_minutes * BAR_MS
+    first = ((bars[0] + BAR_MS * (lookback_bars + 1)) // step + 1) * step
+    times = np.arange(first, bars[-1] + BAR_MS + 1, step, dtype=np.int64)
+    last_closed = np.searchsorted(bars + BAR_MS, times, side="right") - 1  # latest bar closed by the reading
+    back = np.searchsorted(bars, bars[last_closed] - lookback_bars * BAR_MS)
+    ret = np.log(px[last_closed] / px[back])
+    rng = np.random.default_rng(seed)
+    noise = np.empty(times.size)
+    level = 0.0
+    for i, shock in enumerate(rng.normal(0.0, 0.15, times.size)):
+        level = 0.9 * level + shock
+        noise[i] = level
+    score = np.tanh(ret * 50.0 + noise)
+    s = pd.Series(score)
+    slope_x = np.arange(72, dtype=np.float64) - 35.5
+    trend = s.rolling(72, min_periods=2).apply(
+        lambda w: float(
+            np.dot(w, slope_x[: w.size] - slope_x[: w.size].mean())
+            / np.square(slope_x[: w.size] - slope_x[: w.size].mean()).sum()
+        ),
+        raw=True,
+    )
+    table = pd.DataFrame(
+        {
+            "ts_ms": times,
+            "sentiment_score": score,
+            "sentiment_volume": np.exp(rng.normal(0.0, 0.3, times.size)) * (1.0 + 100.0 * np.abs(ret)),
+            "sentiment_momentum": s.diff(12).fillna(0.0).to_numpy(),
+            "sentiment_freshness": rng.uniform(0.0, float(interval_minutes), times.size),
+            "sentiment_consensus": np.clip(1.0 - np.abs(noise), 0.0, 1.0),
+            "sentiment_extremes": (s.abs() > 0.5).astype(float).rolling(12, min_periods=1).mean().to_numpy(),
+            "sentiment_trend": trend.fillna(0.0).to_numpy(),
+            "sentiment_volatility": s.rolling(12, min_periods=2).std().fillna(0.0).to_numpy(),
+        }
+    )
+    return validate_sentiment_table(table, source="synthetic sentiment")
+
+
+def empty_sentiment_table() -> pd.DataFrame:
+    """A table with the schema and no rows (stored when no sentiment source is configured)."""
+    import pandas as pd
+
+    return pd.DataFrame({"ts_ms": np.empty(0, np.int64), **{c: np.empty(0, np.float64) for c in SENTIMENT_COLUMNS}})

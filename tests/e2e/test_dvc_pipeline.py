@@ -125,50 +125,99 @@ POSITION_COLUMNS = (
     "max_drawdown_pct", "funding_payments_count", "total_funding_usd", "slippage_pct", "fees_usd",
 )  # fmt: skip
 BRANCH = ("snapshots", "simulate", "opportunity_features", "train_opportunity")
+PRICE_BRANCH = ("price_features", "train_price_lgbm", "train_price_keras")
+EXPORTS = ("export_opportunity", "export_price_lgbm", "export_price_keras")
+BUNDLES = (
+    "opportunity_profit", "opportunity_success", "opportunity_hold",
+    "price_lgbm", "price_cnn_lstm", "price_cnn_lstm_sentiment",
+)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def full_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy with a 12-day market and a short hold grid, for the whole DAG through training."""
-    overrides = {"synthetic.days": 12, "simulate.hold_hours": [1, 4, 8, 24], "opportunity_model.n_estimators": 80}
+    """A copy with a 12-day market, a short hold grid and small models, for the whole DAG through register."""
+    overrides = {
+        "synthetic.days": 12,
+        "simulate.hold_hours": [1, 4, 8, 24],
+        "opportunity_model.n_estimators": 80,
+        "price_lgbm.n_estimators": 60,
+        "price_keras.epochs": 1,
+        "price_keras.max_windows": 256,
+        "price_keras.max_eval_windows": 128,
+    }
     return copy_project(tmp_path_factory.mktemp("full_project"), overrides)
 
 
-def test_full_dag_repro_is_stable_and_hold_hours_reruns_only_simulation_onwards(
-    full_project: Path, cli_env: dict[str, str]
-) -> None:
+def _bundle_bytes(project: Path) -> dict[str, bytes]:
+    return {name: (project / "models" / name / "model.onnx").read_bytes() for name in BUNDLES}
+
+
+def test_full_dag_is_stable_and_a_param_reruns_only_its_branch(full_project: Path, cli_env: dict[str, str]) -> None:
+    import json
+
     import pyarrow.parquet as pq
+
+    from cryptoml.export.bundle import load_bundle
+    from cryptoml.models.holdout import load_holdout, predict_label
 
     env = {**cli_env, "PYTHONPATH": str(full_project)}
 
     def dvc(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [str(VENV_BIN / "dvc"), *args], cwd=full_project, env=env, capture_output=True, text=True,
-            timeout=3 * CLI_TIMEOUT_S, check=False,
+            timeout=6 * CLI_TIMEOUT_S, check=False,
         )  # fmt: skip
 
     first = dvc("repro")
     assert first.returncode == 0, describe(first)
-    for stage in (*STAGES, *BRANCH):
+    for stage in (*STAGES, *BRANCH, *PRICE_BRANCH, *EXPORTS, "register"):
         assert f"Running stage '{stage}'" in first.stdout, describe(first)
     positions = full_project / "data" / "positions.parquet"
     assert set(POSITION_COLUMNS) <= set(pq.read_schema(positions).names)
-    models = sorted((full_project / "models" / "opportunity").iterdir())
-    model_bytes = {p.name: p.read_bytes() for p in models}
-    assert {"profit.json", "success.json", "hold.json", "meta.json"} <= set(model_bytes)
 
+    # Every model kind has a bundle; onnxruntime fed the features its meta names reproduces the holdout
+    # predictions within the parity tolerance recorded at export.
+    onnx_bytes = _bundle_bytes(full_project)
+    native = full_project / "models" / "native"
+    for name in BUNDLES:
+        bundle = load_bundle(full_project / "models" / name)
+        family = "opportunity" if name.startswith("opportunity") else name if name == "price_lgbm" else "price_keras"
+        holdout = load_holdout(native / family / f"{name}.holdout.npz")
+        assert list(bundle.feature_names) == list(holdout.feature_names)
+        assert bundle.meta["parity"]["max_abs_diff"] <= bundle.meta["parity"]["tolerance"]
+        assert bundle.meta["data_hash"]["md5"]
+        assert len(predict_label(bundle, holdout.X[:16])) == 16
+    registry = json.loads((full_project / "reports" / "registry.json").read_text())
+    assert all(registry[name]["registered"] and registry[name]["version"] == 1 for name in BUNDLES), registry
+
+    # Nothing changed: nothing runs, the ONNX files keep their bytes.
     second = dvc("repro")
     assert second.returncode == 0 and "Running stage" not in second.stdout, describe(second)
     assert "Data and pipelines are up to date." in dvc("status").stdout
-    assert {p.name: p.read_bytes() for p in models} == model_bytes
+    assert _bundle_bytes(full_project) == onnx_bytes
 
-    write_params(full_project, {"simulate.hold_hours": [1, 4, 8, 12]}, source=full_project / "params.yaml")
+    # A forced re-export of the same native model writes the same bytes.
+    forced = dvc("repro", "--force", "--single-item", "export_price_lgbm")
+    assert forced.returncode == 0, describe(forced)
+    assert _bundle_bytes(full_project) == onnx_bytes
+
+    # The LightGBM horizon changed: only the LightGBM branch and what depends on it runs again.
+    write_params(full_project, {"price.horizon_minutes": 5}, source=full_project / "params.yaml")
     third = dvc("repro")
     assert third.returncode == 0, describe(third)
-    for stage in ("backfill", "validate", "snapshots"):
+    for stage in (*STAGES, *BRANCH, "price_features", "train_price_keras", "export_opportunity", "export_price_keras"):
         assert f"Stage '{stage}' didn't change, skipping" in third.stdout, describe(third)
-    for stage in ("simulate", "opportunity_features", "train_opportunity"):
+    for stage in ("train_price_lgbm", "export_price_lgbm", "register"):
         assert f"Running stage '{stage}'" in third.stdout, describe(third)
+    after = _bundle_bytes(full_project)
+    assert after["price_lgbm"] != onnx_bytes["price_lgbm"]
+    assert {k: v for k, v in after.items() if k != "price_lgbm"} == {
+        k: v for k, v in onnx_bytes.items() if k != "price_lgbm"
+    }
+    registry = json.loads((full_project / "reports" / "registry.json").read_text())
+    assert registry["price_lgbm"]["version"] == 2 and registry["price_lgbm"]["new_version"]
+    assert all(registry[n]["version"] == 1 and not registry[n]["new_version"] for n in BUNDLES if n != "price_lgbm")
+    assert json.loads((full_project / "models" / "price_lgbm" / "model_meta.json").read_text())["horizon_minutes"] == 5
 
     # Every training is an MLflow run: metrics, feature list, data hash, plots and native models.
     from mlflow import MlflowClient
@@ -177,7 +226,7 @@ def test_full_dag_repro_is_stable_and_hold_hours_reruns_only_simulation_onwards(
     experiment = client.get_experiment_by_name("opportunity")
     assert experiment is not None
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
-    assert len(runs) == 2  # the first repro and the hold_hours change; the no-op repro trained nothing
+    assert len(runs) == 1  # the no-op repro and the horizon change trained no opportunity model
     run = runs[0]
     assert {"success.auc", "profit.r2"} <= set(run.data.metrics)
     assert run.data.tags["data_md5"] and run.data.tags["synthetic"] == "true"
@@ -188,3 +237,6 @@ def test_full_dag_repro_is_stable_and_hold_hours_reruns_only_simulation_onwards(
     }
     reports = {a.path for a in client.list_artifacts(run.info.run_id, "reports")}
     assert {"reports/shap_summary.png", "reports/calibration.png", "reports/importance.csv"} <= reports
+    assert len(client.search_runs([client.get_experiment_by_name("price_lgbm").experiment_id])) == 2
+    for name in BUNDLES:
+        assert client.get_model_version_by_alias(name, "challenger") is not None

@@ -16,14 +16,8 @@ import pandas as pd
 import pytest
 
 from cryptoml.errors import ConfigError, SourceError
-from cryptoml.market.ccxt_source import (
-    CcxtSource,
-    book_frame,
-    funding_frame,
-    make_exchange,
-    ohlcv_frame,
-    rebase_url,
-)
+from cryptoml.market.ccxt_source import CcxtSource, book_frame, funding_frame, ohlcv_frame
+from cryptoml.market.exchange import make_exchange, rebase_url
 from cryptoml.market.store import to_table
 from tests.conftest import shared_file
 from tests.market.conftest import DAY_MS, MINUTE_MS, FakeClock, generated_candles

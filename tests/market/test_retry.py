@@ -9,7 +9,7 @@ import ccxt
 import pytest
 
 from cryptoml.errors import SourceError
-from cryptoml.market.ccxt_source import TruncatedResponse
+from cryptoml.market.exchange import TruncatedResponse
 from cryptoml.market.retry import backoff_seconds, call_with_retry, parse_retry_after
 from tests.market.conftest import FakeClock
 

@@ -1,7 +1,7 @@
 """A local fake exchange on 127.0.0.1 that speaks the real Binance USDⓈ-M and Bybit v5 REST JSON.
 
 ccxt's own code (URL building, parsing, error mapping, rate limiter) runs unchanged against it: point a
-client at :attr:`StubExchange.url` (``cryptoml.market.ccxt_source.make_exchange(..., api_url=stub.url)``).
+client at :attr:`StubExchange.url` (``cryptoml.market.exchange.make_exchange(..., api_url=stub.url)``).
 One stub serves both venues from the same in-memory data, keyed by exchange symbol id (``BTCUSDT``):
 
 - candles per (symbol, timeframe) in the store schema ``ts_ms`` (bar open, UTC ms) + open/high/low/close/
