@@ -549,6 +549,73 @@ def live(
     typer.echo(json.dumps(_edge_guard(body)))
 
 
+def _model_options(p: Any) -> dict[str, Any]:
+    """ModelSet options from params.yaml: the scoring weights, Kelly sizing, hold grid, sentiment age."""
+    m = p.opportunity_model
+    return {
+        "composite_profit_weight": m.composite_profit_weight,
+        "composite_success_weight": m.composite_success_weight,
+        "kelly_fraction": m.kelly_fraction,
+        "kelly_cap": m.kelly_cap,
+        "hold_grid_hours": tuple(float(h) for h in p.simulate.hold_hours),
+        "sentiment_max_age_ms": p.price_keras.sentiment_max_age_minutes * 60_000,
+    }
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="bind address (default live.api_host = 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (default live.api_port)")] = None,
+    models: Annotated[str | None, typer.Option(help="bundles folder (default live.models_dir)")] = None,
+    params: ParamsOpt = "params.yaml",
+) -> None:
+    """HTTP prediction API over the ONNX bundles: /health, /predict, /predict/batch, /predict/price, /docs."""
+
+    def body() -> None:
+        from cryptoml.config import load_params
+        from cryptoml.edge.api import serve as run_server
+
+        p = load_params(params)
+        run_server(
+            host=host or p.live.api_host, port=port or p.live.api_port,
+            models_dir=Path(models or p.live.models_dir), max_batch=p.live.api_max_batch, **_model_options(p),
+        )  # fmt: skip
+
+    _edge_guard(body)
+
+
+@app.command()
+def predict(
+    opportunity: Annotated[str, typer.Argument(help="one opportunity as JSON (the schema of POST /predict)")],
+    models: Annotated[str | None, typer.Option(help="bundles folder (default live.models_dir)")] = None,
+    params: ParamsOpt = "params.yaml",
+) -> None:
+    """Score one opportunity from the command line; same request and answer schema as POST /predict."""
+
+    def body() -> dict[str, Any]:
+        from pydantic import ValidationError
+
+        from cryptoml.config import load_params
+        from cryptoml.edge.api import OpportunityIn
+        from cryptoml.edge.models import ModelSet
+        from cryptoml.errors import DataValidationError
+
+        p = load_params(params)
+        try:
+            request = OpportunityIn.model_validate_json(opportunity)
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(str(x) for x in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()
+            )
+            raise DataValidationError(f"invalid opportunity: {problems}") from None
+        result: dict[str, Any] = ModelSet.load(
+            Path(models or p.live.models_dir), **_model_options(p)
+        ).score_opportunity(request.model_dump())
+        return result
+
+    typer.echo(json.dumps(_edge_guard(body), indent=2, sort_keys=True))
+
+
 def main() -> None:
     try:
         app()

@@ -94,8 +94,8 @@ class _XGBModel:
 
     @classmethod
     def from_params(cls, params: OpportunityModelParams, **extra: Any) -> Self:
-        """An unfitted model with the hyperparameters of ``params`` (plus model-specific ``extra``)."""
-        return cls(**{name: getattr(params, name) for name in _HYPERPARAMETERS}, **extra)
+        """An unfitted model with the hyperparameters of ``params``; ``extra`` adds or overrides keyword arguments."""
+        return cls(**{**{name: getattr(params, name) for name in _HYPERPARAMETERS}, **extra})
 
     def get_params(self) -> dict[str, Any]:
         """Hyperparameters as passed to ``__init__`` (fit never changes them)."""
