@@ -129,6 +129,12 @@ def canonicalize_names(model: onnx.ModelProto, graph_name: str) -> onnx.ModelPro
 
 def _finish(model: onnx.ModelProto, name: str) -> bytes:
     canonicalize_names(model, name)
+    # onnxmltools collects opset domains in a set: their order follows the process's string hash seed,
+    # so two exports of the same model would differ by the order of opset_import. Sort it by domain.
+    opsets = sorted(((o.domain, o.version) for o in model.opset_import), key=lambda dv: dv[0])
+    del model.opset_import[:]
+    for domain, version in opsets:
+        model.opset_import.add(domain=domain, version=version)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:

@@ -345,3 +345,23 @@ def test_bundle_module_imports_without_pandas_or_tensorflow() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert "HEAVY []" in out.stdout, out.stdout + out.stderr
+
+
+def test_opset_import_order_does_not_change_the_exported_bytes() -> None:
+    """The converters list opset domains in no fixed order (seen: a re-export of the same LightGBM booster in
+    another process came out with ai.onnx.ml and the default domain swapped); the export sorts them."""
+    import onnx
+
+    from cryptoml.export.convert import _finish
+
+    def model(domains: list[tuple[str, int]]) -> onnx.ModelProto:
+        node = onnx.helper.make_node("Identity", ["input"], ["y"])
+        graph = onnx.helper.make_graph(
+            [node], "g", [onnx.helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [None, 2])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [None, 2])],
+        )  # fmt: skip
+        return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid(d, v) for d, v in domains])
+
+    forward = _finish(model([("", 15), ("ai.onnx.ml", 1)]), "m")
+    backward = _finish(model([("ai.onnx.ml", 1), ("", 15)]), "m")
+    assert forward == backward
