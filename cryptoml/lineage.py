@@ -52,14 +52,16 @@ def data_hash(path: str | Path, lock_file: str | Path = "dvc.lock") -> dict[str,
 
 
 def git_commit(cwd: str | Path = ".") -> str:
-    """The current commit SHA (with ``-dirty`` when the tree has changes), or ``unknown`` outside git."""
+    """The current commit SHA (with ``-dirty`` when tracked files other than dvc.lock changed), or ``unknown``."""
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
         ).stdout.strip()
+        # dvc.lock is rewritten by `dvc repro` itself while the stages run: it does not make the code dirty.
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd, capture_output=True, text=True
-        ).stdout.strip()
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock"],
+            cwd=cwd, capture_output=True, text=True,
+        ).stdout.strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{sha}-dirty" if dirty else sha

@@ -471,9 +471,11 @@ def train_price_keras(
 def save_keras_model(model: keras.Model, path: Path) -> Path:
     """Save ``model`` as a ``.keras`` archive, atomically and byte-stable (same weights -> same bytes).
 
-    Keras stamps ``metadata.json`` with the save time and the weights entry with the zip's clock; both are
-    normalised (``date_saved`` dropped, every entry dated 1980-01-01) so a DVC output does not change
-    when the model does not.
+    Keras stamps ``metadata.json`` with the save time, the weights entry with the zip's clock and
+    ``config.json`` with ``shared_object_id`` values that are Python object addresses; all are normalised
+    (``date_saved`` dropped, every entry dated 1980-01-01, ids renumbered 1, 2, ... in order of first
+    appearance, which keeps which objects are shared) so a DVC output does not change when the model
+    does not.
     """
     import tempfile
     import zipfile
@@ -492,8 +494,30 @@ def save_keras_model(model: keras.Model, path: Path) -> Path:
                     meta = json.loads(data)
                     meta.pop("date_saved", None)
                     data = json.dumps(meta, sort_keys=True).encode()
+                elif info.filename == "config.json":
+                    data = json.dumps(_renumber_shared_objects(json.loads(data))).encode()
                 entry = zipfile.ZipInfo(info.filename, date_time=(1980, 1, 1, 0, 0, 0))
                 entry.compress_type = info.compress_type
                 entry.external_attr = info.external_attr
                 dst.writestr(entry, data)
     return target
+
+
+def _renumber_shared_objects(config: Any) -> Any:
+    """``config`` with every ``shared_object_id`` replaced by its rank of first appearance (1, 2, ...)."""
+    ranks: dict[Any, int] = {}
+
+    def walk(node: Any) -> Any:
+        if isinstance(node, dict):
+            out = {}
+            for key, value in node.items():
+                if key == "shared_object_id":
+                    out[key] = ranks.setdefault(value, len(ranks) + 1)
+                else:
+                    out[key] = walk(value)
+            return out
+        if isinstance(node, list):
+            return [walk(v) for v in node]
+        return node
+
+    return walk(config)

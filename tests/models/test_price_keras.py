@@ -290,3 +290,20 @@ def test_sentiment_module_and_lgbm_model_do_not_import_tensorflow() -> None:
 
 def test_keras_backend_is_tensorflow() -> None:
     assert keras.backend.backend() == "tensorflow"
+
+
+def test_saved_keras_models_are_byte_stable(tmp_path: Path) -> None:
+    """Two builds of the same seeded model save to the same bytes: no save time, zip clock or object address
+    (Keras writes `shared_object_id` = id() of Python objects) survives in the archive; it still loads."""
+    import keras
+
+    from cryptoml.models.price_keras import build_price_model, save_keras_model
+
+    paths = []
+    for i in range(2):
+        keras.backend.clear_session()  # as in a new process: auto-names (adam, adam_1, ...) start again
+        keras.utils.set_random_seed(3)
+        paths.append(save_keras_model(build_price_model(5, 16), tmp_path / f"m{i}.keras"))
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    loaded = keras.models.load_model(paths[0], compile=False)
+    assert [layer.__class__.__name__ for layer in loaded.layers][:2] == ["Conv1D", "Conv1D"]
