@@ -254,7 +254,7 @@ def test_stop_loss_cooldown_take_profit_and_kill_switch_fire(always_long: Path, 
     kinds = [f.kind for _, f in fills]
     assert "stop_loss" in kinds and "take_profit" in kinds
     assert "cooldown" in seen
-    assert "kill_switch" in seen, ([r for r in seen if r != "stale_data"], [(f.kind, f.price, f.side) for _, f in fills])
+    assert "kill_switch" in seen, [r for r in seen if r != "stale_data"]
     first_kill = seen.index("kill_switch")
     assert all(r in ("kill_switch",) for r in seen[first_kill:]), seen[first_kill:]
     stop_fill = next(f for _, f in fills if f.kind == "stop_loss")
