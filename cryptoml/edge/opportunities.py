@@ -55,7 +55,16 @@ import numpy as np
 
 from cryptoml.config import OpportunityParams, SimulateParams, SnapshotParams, timeframe_ms
 from cryptoml.errors import ConfigError, DataValidationError, SourceError
-from cryptoml.simulate.slippage import fee_frac, slippage_frac
+from cryptoml.simulate.entry import BREAK_EVEN_CAP_HOURS as BREAK_EVEN_CAP_HOURS  # re-exported
+from cryptoml.simulate.entry import (
+    CV_CAP,
+    CV_EPS,
+    CV_WINDOW_MS,
+    REFERENCE_INTERVAL_HOURS,
+    break_even_hours,
+    funding_yields,
+    leg_round_trip_cost,
+)
 
 if TYPE_CHECKING:
     import ccxt
@@ -82,11 +91,6 @@ BOOK_DEPTH_LEVELS = 10
 PROXY_SPREAD_VOL_MULT = 0.5
 FUNDING_MAX_AGE_INTERVALS = 2
 DEFAULT_FUNDING_INTERVAL_HOURS = 8
-BREAK_EVEN_CAP_HOURS = 1e6
-CV_CAP = 1e6
-CV_EPS = 1e-12
-CV_WINDOW_MS = 3 * DAY_MS
-REFERENCE_INTERVAL_HOURS = 8.0
 
 DEFAULT_BAR_RETENTION_MS = 74 * HOUR_MS
 DEFAULT_FUNDING_RETENTION_MS = 4 * DAY_MS
@@ -643,14 +647,8 @@ def _spot_leg(row: _PerpRow) -> dict[str, Any]:
 
 
 def _break_even_hours(long: Mapping[str, Any], short: Mapping[str, Any], spread: float, sim: SimulateParams) -> float:
-    cost = 0.0
-    for leg in (long, short):
-        fee = fee_frac(leg["exchange"], sim)
-        slip = float(slippage_frac(np.array([leg["spread"]]), np.array([leg["depth"]]), sim.position_usd, sim)[0])
-        cost += 2 * fee + 2 * slip
-    hourly = spread / REFERENCE_INTERVAL_HOURS
-    hours = cost / hourly if hourly > 0 else BREAK_EVEN_CAP_HOURS
-    return BREAK_EVEN_CAP_HOURS if math.isnan(hours) else min(hours, BREAK_EVEN_CAP_HOURS)
+    cost = sum(leg_round_trip_cost([leg["exchange"]], [leg["spread"]], [leg["depth"]], sim) for leg in (long, short))
+    return float(break_even_hours(cost, spread)[0])
 
 
 def _opportunity(
@@ -673,10 +671,7 @@ def _opportunity(
     out["long_price"], out["short_price"] = float(long["price"]), float(short["price"])
     out["funding_rate_long"], out["funding_rate_short"] = float(long["rate"]), float(short["rate"])
     out["funding_spread"] = spread
-    out["fund_profit_8h"] = spread * 100.0
-    out["fund_apr"] = spread * 100.0 * 3 * 365
-    out["fund_profit_24h_proj"] = spread * 100.0 * 3
-    out["fund_profit_3d_proj"] = spread * 100.0 * 9
+    out.update(funding_yields(spread))
     out["break_even_hours"] = _break_even_hours(long, short, spread, sim)
     out["spread_volatility_cv"] = cv
     out["funding_spread_avg_24h"] = short["avg24"] - long["avg24"]

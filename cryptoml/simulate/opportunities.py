@@ -27,13 +27,16 @@ import pandas as pd
 
 from cryptoml.config import OpportunityParams, SimulateParams
 from cryptoml.errors import DataValidationError
-from cryptoml.simulate.slippage import fee_frac, slippage_frac
-
-BREAK_EVEN_CAP_HOURS = 1e6
-CV_CAP = 1e6
-CV_EPS = 1e-12  # |mean| or std below this counts as zero
-CV_WINDOW_MS = 3 * 86_400_000
-REFERENCE_INTERVAL_HOURS = 8.0
+from cryptoml.simulate.entry import BREAK_EVEN_CAP_HOURS as BREAK_EVEN_CAP_HOURS  # re-exported
+from cryptoml.simulate.entry import (
+    CV_CAP,
+    CV_EPS,
+    CV_WINDOW_MS,
+    REFERENCE_INTERVAL_HOURS,
+    break_even_hours,
+    funding_yields,
+    leg_round_trip_cost,
+)
 
 OPPORTUNITY_COLUMNS = [
     "ts_ms", "opportunity_id", "strategy", "base", "long_exchange", "long_market", "long_symbol",
@@ -102,17 +105,10 @@ def rolling_cv(
 
 def _break_even_hours(long: pd.DataFrame, short: pd.DataFrame, spread: np.ndarray, sim: SimulateParams) -> np.ndarray:
     """Hours of funding at the current spread needed to pay 4 fees and 4 slippages (entry estimates)."""
-    cost = np.zeros(len(spread))
-    for leg in (long, short):
-        fee = leg["exchange"].map(lambda e: fee_frac(e, sim)).to_numpy(np.float64)
-        slip = slippage_frac(
-            leg["spread"].to_numpy(np.float64), leg["depth"].to_numpy(np.float64), sim.position_usd, sim
-        )
-        cost += 2 * fee + 2 * slip
-    hourly = spread / REFERENCE_INTERVAL_HOURS
-    with np.errstate(divide="ignore", invalid="ignore"):
-        hours = np.where(hourly > 0, cost / hourly, BREAK_EVEN_CAP_HOURS)
-    return np.minimum(np.nan_to_num(hours, nan=BREAK_EVEN_CAP_HOURS), BREAK_EVEN_CAP_HOURS)
+    cost = sum(
+        leg_round_trip_cost(leg["exchange"].to_numpy(), leg["spread"], leg["depth"], sim) for leg in (long, short)
+    )
+    return break_even_hours(cost, spread)
 
 
 def _assemble(
@@ -133,10 +129,8 @@ def _assemble(
     out["funding_rate_long"] = long["rate"].to_numpy()
     out["funding_rate_short"] = short["rate"].to_numpy()
     out["funding_spread"] = spread
-    out["fund_profit_8h"] = spread * 100.0
-    out["fund_apr"] = spread * 100.0 * 3 * 365
-    out["fund_profit_24h_proj"] = spread * 100.0 * 3
-    out["fund_profit_3d_proj"] = spread * 100.0 * 9
+    for key, value in funding_yields(spread).items():
+        out[key] = value
     out["break_even_hours"] = _break_even_hours(long, short, spread, sim)
     out["spread_volatility_cv"] = cv
     out["funding_spread_avg_24h"] = short["avg24"].to_numpy() - long["avg24"].to_numpy()
