@@ -326,10 +326,8 @@ class Runner:
         position = self.broker.position(symbol)
         summary = self.broker.summary({symbol: close})
         action = decision.action
-        if action == "exit":
-            action = "exit_long" if any(f.side == "sell" for f in fills) or position.qty < 0 else "exit_short"
-            if fills:
-                action = "exit_long" if fills[-1].side == "sell" else "exit_short"
+        if action == "exit":  # selling closes a long, buying closes a short
+            action = "exit_long" if decision.side == "sell" else "exit_short"
         elif action == "hold" and decision.reason in BLOCKING_REASONS and predicted_bps is not None:
             action = "blocked" if abs(predicted_bps) > self.params.entry_bps else "hold"
         decisions = [
