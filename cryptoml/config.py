@@ -507,6 +507,121 @@ class PaperBrokerParams:
             raise ConfigError(f"broker.seed must be an integer >= 0, got {self.seed!r}")
 
 
+def _check_cron(expr: str, where: str) -> None:
+    """A five-field cron expression (minute hour day-of-month month day-of-week), checked for shape only."""
+    fields = expr.split()
+    allowed = set("0123456789*/,-")
+    if len(fields) != 5 or any(not f or not set(f) <= allowed for f in fields):
+        raise ConfigError(f"{where}: expected a 5-field cron expression like '0 3 * * 1', got {expr!r}")
+
+
+@dataclass(frozen=True)
+class BacktestParams:
+    """Walk-forward backtest of the price strategy and of the opportunity scorer (`cryptoml backtest`)."""
+
+    train_hours: float = 48.0  # each refit's training window: the bars before the segment (label-purged)
+    test_hours: float = 24.0  # one reporting fold; folds follow each other and never overlap
+    retrain_minutes: float = 60.0  # inside a fold the model is refitted on the trailing window this often
+    max_days: float = 0.0  # 0 = the whole stored history of price.exchange / price.symbol; else the last N days
+    funding: bool = True  # perp funding on open positions, a PnL component of its own
+    lgbm_rounds: int = 100  # boosting rounds of each refit (price_lgbm's other settings are reused)
+    opportunity: bool = True  # also walk-forward ML vs rule over the simulated opportunities
+    opportunity_top_k: int = 20  # picks per UTC day for both scorers
+    dsr_trials: int = 0  # strategy variants tried, for the deflated Sharpe (0 = the number of folds)
+
+    def validate(self) -> None:
+        for name in ("train_hours", "test_hours", "retrain_minutes"):
+            value = getattr(self, name)
+            if not _finite(value) or value <= 0:
+                raise ConfigError(f"backtest.{name} must be a finite number > 0, got {value!r}")
+        if self.retrain_minutes > self.test_hours * 60:
+            raise ConfigError(
+                f"backtest.retrain_minutes ({self.retrain_minutes}) must not exceed test_hours * 60 "
+                f"({self.test_hours * 60})"
+            )
+        if not _finite(self.max_days) or self.max_days < 0:
+            raise ConfigError(f"backtest.max_days must be >= 0, got {self.max_days!r}")
+        if self.lgbm_rounds < 1 or self.opportunity_top_k < 1 or self.dsr_trials < 0:
+            raise ConfigError("backtest.lgbm_rounds and opportunity_top_k must be >= 1, dsr_trials >= 0")
+
+
+@dataclass(frozen=True)
+class DriftParams:
+    """Drift and performance triggers of the `drift_check` flow (reads the runner's state file)."""
+
+    psi_threshold: float = 0.25  # a feature drifts when its PSI exceeds this
+    psi_bins: int = 10  # bins from the reference window's quantiles
+    psi_floor: float = 1e-4  # proportion given to an empty bin (keeps the log finite)
+    min_samples: int = 500  # fewer recent rows than this: no PSI alarm (calibrated in tests/monitoring)
+    window_hours: float = 24.0  # the recent predictions compared with the training window
+    rolling_sharpe_min: float = 0.4  # performance trigger: annualised Sharpe of the recent bars below this
+    directional_accuracy_min: float = 0.6  # recent sign accuracy of the champion's predictions below this
+    accuracy_ratio_min: float = 0.9  # recent accuracy below this times the historical (holdout) one
+    min_outcomes: int = 200  # fewer labelled predictions than this: no performance alarm
+
+    def validate(self) -> None:
+        if not _finite(self.psi_threshold) or self.psi_threshold <= 0:
+            raise ConfigError(f"drift.psi_threshold must be > 0, got {self.psi_threshold!r}")
+        if self.psi_bins < 2:
+            raise ConfigError(f"drift.psi_bins must be >= 2, got {self.psi_bins}")
+        if not _finite(self.psi_floor) or not 0 < self.psi_floor < 0.1:
+            raise ConfigError(f"drift.psi_floor must be in (0, 0.1), got {self.psi_floor!r}")
+        if self.min_samples < self.psi_bins or self.min_outcomes < 1:
+            raise ConfigError("drift.min_samples must be >= psi_bins and drift.min_outcomes >= 1")
+        if not _finite(self.window_hours) or self.window_hours <= 0:
+            raise ConfigError(f"drift.window_hours must be > 0, got {self.window_hours!r}")
+        if not 0 < self.directional_accuracy_min < 1 or not 0 < self.accuracy_ratio_min <= 1:
+            raise ConfigError("drift.directional_accuracy_min must be in (0, 1), accuracy_ratio_min in (0, 1]")
+
+
+@dataclass(frozen=True)
+class RetrainParams:
+    """Drift- or schedule-triggered retraining with a shadow period before promotion (the `retrain` flow)."""
+
+    families: tuple[str, ...] = ("price_lgbm",)  # model families retrained (export families of `cryptoml export`)
+    window_days: float = 30.0  # rolling training window: the newest N days of data
+    backfill: bool = True  # fetch the newest data first (the configured market source)
+    shadow_hours: float = 24.0  # the challenger runs in the runner's shadow slot at least this long
+    min_shadow_predictions: int = 500  # labelled shadow predictions needed before a comparison counts
+    auto_promote: bool = False  # promote a better challenger by itself; false = a person moves the alias
+
+    def validate(self) -> None:
+        known = ("opportunity", "price_lgbm", "price_keras")
+        if not self.families or any(f not in known for f in self.families):
+            raise ConfigError(f"retrain.families: choose from {list(known)}, got {list(self.families)}")
+        for name in ("window_days", "shadow_hours"):
+            value = getattr(self, name)
+            if not _finite(value) or value <= 0:
+                raise ConfigError(f"retrain.{name} must be a finite number > 0, got {value!r}")
+        if self.min_shadow_predictions < 1:
+            raise ConfigError(f"retrain.min_shadow_predictions must be >= 1, got {self.min_shadow_predictions}")
+
+
+@dataclass(frozen=True)
+class OrchestrationParams:
+    """Prefect deployments (schedules) and the task runner that fans work out."""
+
+    task_runner: str = "local"  # local | dask
+    dask_address: str = ""  # an existing scheduler (tcp://host:8786); "" = a LocalCluster on 127.0.0.1
+    dask_workers: int = 2  # LocalCluster size (one thread each)
+    retrain_cron: str = "0 3 * * 1"  # weekly retrain: Monday 03:00
+    backfill_cron: str = "0 * * * *"  # hourly incremental backfill
+    drift_cron: str = "*/15 * * * *"  # drift_check every 15 minutes
+    timezone: str = "UTC"
+
+    def validate(self) -> None:
+        if self.task_runner not in ("local", "dask"):
+            raise ConfigError(f"orchestration.task_runner must be 'local' or 'dask', got {self.task_runner!r}")
+        if self.dask_address and not self.dask_address.startswith(("tcp://", "tls://", "inproc://", "ws://")):
+            raise ConfigError(f"orchestration.dask_address must look like tcp://host:port, got {self.dask_address!r}")
+        if self.dask_workers < 1:
+            raise ConfigError(f"orchestration.dask_workers must be >= 1, got {self.dask_workers}")
+        for name in ("retrain_cron", "backfill_cron", "drift_cron"):
+            _check_cron(getattr(self, name), f"orchestration.{name}")
+        if not self.timezone:
+            raise ConfigError("orchestration.timezone: empty")
+
+
 @dataclass(frozen=True)
 class Params:
     market: MarketParams = field(default_factory=MarketParams)
@@ -525,6 +640,10 @@ class Params:
     strategy: StrategyParams = field(default_factory=StrategyParams)
     broker: PaperBrokerParams = field(default_factory=PaperBrokerParams)
     live: LiveParams = field(default_factory=LiveParams)
+    backtest: BacktestParams = field(default_factory=BacktestParams)
+    drift: DriftParams = field(default_factory=DriftParams)
+    retrain: RetrainParams = field(default_factory=RetrainParams)
+    orchestration: OrchestrationParams = field(default_factory=OrchestrationParams)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
