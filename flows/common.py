@@ -16,6 +16,35 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
+def task_runner_for(params: Params) -> Any:
+    """The Prefect task runner ``orchestration.task_runner`` names: threads here, or Dask.
+
+    ``dask`` connects to ``orchestration.dask_address`` when set, else starts a LocalCluster on 127.0.0.1 with
+    ``dask_workers`` single-threaded worker processes for the flow run. Use it as
+    ``some_flow.with_options(task_runner=task_runner_for(params))`` and fan work out with ``task.submit`` /
+    ``task.map``; results are gathered in submission order, so outputs do not depend on the runner.
+    """
+    orchestration = params.orchestration
+    if orchestration.task_runner == "local":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=orchestration.dask_workers)
+    from prefect_dask import DaskTaskRunner
+
+    if orchestration.dask_address:
+        return DaskTaskRunner(address=orchestration.dask_address)
+    return DaskTaskRunner(
+        cluster_class="distributed.LocalCluster",
+        cluster_kwargs={
+            "n_workers": orchestration.dask_workers,
+            "threads_per_worker": 1,
+            "processes": True,
+            "host": "127.0.0.1",
+            "dashboard_address": None,
+        },
+    )
+
+
 def params_with(params_path: str, **sections: dict[str, Any] | None) -> Params:
     """params.yaml with ``section={field: value}`` overrides (None values are ignored), validated."""
     params = load_params(params_path)
