@@ -444,6 +444,46 @@ def promote(
     )
 
 
+# --- decisions taken on other evidence (the shadow review of tasks/retrain.py) ----------------------
+
+
+def version_tags(name: str, version: str) -> dict[str, str]:
+    """The tags of version ``version`` of ``name`` (ConfigError when either is unknown)."""
+    _check_name(name)
+    return dict(_version(_client(), name, str(version)).tags)
+
+
+def tag_version(name: str, version: str, tags: dict[str, str]) -> None:
+    """Set (overwrite) tags on version ``version`` of ``name``: how decisions are recorded for the MLflow UI."""
+    _check_name(name)
+    client = _client()
+    _version(client, name, str(version))  # an unknown version is a ConfigError, not a half-written record
+    with _mlflow_errors(f"tagging {name} v{version}"):
+        _set_tags(client, name, str(version), tags)
+
+
+def move_champion(name: str, version: str, *, expected_champion: str | None, tags: dict[str, str]) -> bool:
+    """Point `champion` of ``name`` at ``version`` and record ``tags`` there, unless the alias moved meanwhile.
+
+    For promotions decided outside :func:`promote` (e.g. on shadow predictions): the caller compared
+    ``version`` with ``expected_champion``; when `champion` no longer points there (a person moved it in the
+    UI during the comparison), nothing changes and False is returned, since the comparison is stale. A stale
+    ``promotion_refused`` tag on ``version`` is removed, as :func:`promote` does.
+    """
+    _check_name(name)
+    version = str(version)
+    client = _client()
+    _version(client, name, version)
+    if _aliases(client, name).get(CHAMPION) != expected_champion:
+        return False
+    with _mlflow_errors(f"moving {CHAMPION} of {name} to v{version}"):
+        client.set_registered_model_alias(name, CHAMPION, version)
+        _set_tags(client, name, version, tags)
+        if "promotion_refused" in _version(client, name, version).tags:
+            client.delete_model_version_tag(name, version, "promotion_refused")
+    return True
+
+
 # --- comparison ------------------------------------------------------------------------------------
 
 
