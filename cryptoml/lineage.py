@@ -58,8 +58,9 @@ def git_commit(cwd: str | Path = ".") -> str:
             ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
         ).stdout.strip()
         # dvc.lock is rewritten by `dvc repro` itself while the stages run: it does not make the code dirty.
+        # Pathspecs from the repository's top, so a run from a sub-folder (the retrain's) still sees every file.
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock"],
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude)dvc.lock"],
             cwd=cwd, capture_output=True, text=True,
         ).stdout.strip()  # fmt: skip
     except (OSError, subprocess.CalledProcessError):
