@@ -468,6 +468,68 @@ def compare(
     Console().print(table)
 
 
+@app.command()
+def backtest(params: ParamsOpt = "params.yaml") -> None:
+    """Walk-forward backtest of the strategy (and of the opportunity scorer, ML vs rule) into reports/backtest/."""
+    r = _stage("backtest_flow", params, "flows.backtest")
+
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:+.2%}"
+
+    def num(x: float | None) -> str:
+        return "n/a" if x is None else f"{x:.2f}"
+
+    typer.echo(
+        f"backtest: {r['folds']} folds, {r['refits']} refits, {r['n_trades']} trades; total return "
+        f"{pct(r['total_return'])}, Sharpe {num(r['sharpe'])} out of sample (in sample {num(r['sharpe_in_sample'])}), "
+        f"deflated Sharpe {num(r['deflated_sharpe'])}"
+    )
+    for scorer, row in (r.get("opportunity") or {}).items():
+        typer.echo(
+            f"  opportunity scorer {scorer}: {row['picks']} picks, PnL {row['pnl_usd']:+,.0f} USD, "
+            f"hit rate {row['hit_rate']:.3f}"
+        )
+    typer.echo(f"reports: {Path(r['reports']['metrics']).parent}/  (MLflow run {r['mlflow_run_id']})")
+
+
+@app.command("drift-check")
+def drift_check(
+    state: Annotated[str | None, typer.Option("--state", help="runner state file (default live.state_path)")] = None,
+    models: Annotated[str | None, typer.Option("--models", help="bundles folder (default live.models_dir)")] = None,
+    retrain: Annotated[bool, typer.Option("--retrain/--no-retrain", help="retrain when a check fires")] = True,
+    params: ParamsOpt = "params.yaml",
+) -> None:
+    """Feature drift (PSI) and performance triggers of the live price model; retrains when one fires."""
+    r = _stage("drift_check_flow", params, "flows.drift", state_path=state, models_dir=models, retrain=retrain)
+    fired = ", ".join(r["fired"]) or "nothing"
+    typer.echo(f"drift_check: {r['status']}; fired: {fired}; report {r['report']}")
+    info = r["retrain"]
+    if info.get("started"):
+        typer.echo(f"retrain started: {info['reason']}")
+    elif info.get("skipped"):
+        typer.echo(f"retrain not started: {info['skipped']}")
+
+
+@app.command()
+def retrain(
+    reason: Annotated[str, typer.Option("--reason", help="why (recorded as an MLflow tag)")] = "manual",
+    params: ParamsOpt = "params.yaml",
+) -> None:
+    """Backfill the newest data, retrain retrain.families on the rolling window, register challengers."""
+    r = _stage("retrain_flow", params, "flows.retrain", reason=reason)
+    typer.echo(json.dumps(r, indent=2, default=str))
+
+
+@app.command("shadow-review")
+def shadow_review(
+    state: Annotated[str | None, typer.Option("--state", help="runner state file (default live.state_path)")] = None,
+    params: ParamsOpt = "params.yaml",
+) -> None:
+    """Compare each challenger's shadow predictions with the champion's; promote when allowed and better."""
+    r = _stage("shadow_review_flow", params, "flows.retrain", state_path=state)
+    typer.echo(json.dumps(r, indent=2, default=str))
+
+
 def _edge_guard(fn: Callable[[], T]) -> T:
     """run_guarded for the edge commands: same error mapping, without the pipeline's rich progress display."""
     try:
@@ -481,7 +543,12 @@ def _edge_guard(fn: Callable[[], T]) -> T:
 @app.command()
 def live(
     paper: Annotated[
-        bool, typer.Option("--paper/--live", help="paper trading (default); --live is not offered yet")
+        bool,
+        typer.Option(
+            "--paper/--live",
+            help="paper trading (default), or --live: real orders on the exchange, with the API key and secret "
+            "read from the environment variables CRYPTOML_API_KEY and CRYPTOML_API_SECRET",
+        ),
     ] = True,
     exchange: Annotated[str | None, typer.Option(help="ccxt exchange id (default live.exchange)")] = None,
     symbol: Annotated[
@@ -491,6 +558,18 @@ def live(
     state: Annotated[str | None, typer.Option(help="SQLite state file (default live.state_path)")] = None,
     models: Annotated[str | None, typer.Option(help="bundles folder (default live.models_dir)")] = None,
     registry_url: Annotated[str | None, typer.Option(help="MLflow server to follow `champion` from")] = None,
+    trade_model: Annotated[
+        str | None, typer.Option(help="price model the strategy trades: price_lgbm (default) or price_cnn_lstm")
+    ] = None,
+    ws: Annotated[
+        bool | None,
+        typer.Option(
+            "--ws/--no-ws",
+            help="closed bars from the exchange's websocket (ccxt.pro) before REST polling; default: on where "
+            "ccxt.pro has the exchange, off with --api-url unless --ws-url is given",
+        ),
+    ] = None,
+    ws_url: Annotated[str | None, typer.Option(help="websocket base URL replacing the exchange's")] = None,
     until: Annotated[str | None, typer.Option(help="stop after the bar opening at this ISO-8601 UTC time")] = None,
     max_bars: Annotated[int | None, typer.Option(help="stop after processing this many bars")] = None,
     clock_start: Annotated[str | None, typer.Option(help="replay: the clock starts at this UTC time")] = None,
@@ -499,22 +578,21 @@ def live(
     log_level: Annotated[str, typer.Option(help="DEBUG | INFO | WARNING")] = "INFO",
     params: ParamsOpt = "params.yaml",
 ) -> None:
-    """Run the edge runner: closed 1-minute candles -> ONNX predictions -> strategy -> paper broker -> SQLite."""
+    """Run the edge runner: closed 1-minute candles -> ONNX predictions -> strategy -> broker -> SQLite.
+
+    Paper trading unless --live. With live.opportunity_scoring on, funding-arbitrage opportunities of the
+    exchange are scored on the 5-minute grid by the ONNX models and by the rule scorer, both followed on paper.
+    """
     import logging
 
     def body() -> dict[str, Any]:
         import time as _time
 
         from cryptoml.config import load_params, parse_utc_ms, replace_section
-        from cryptoml.edge.runner import ModelSource, Runner, check_symbol
+        from cryptoml.edge.runner import PRICE_MODEL, ModelSource, Runner, check_symbol
         from cryptoml.edge.state import StateStore
         from cryptoml.market.exchange import make_exchange
-        from cryptoml.trading.strategy import reset_kill_switch as reset
 
-        if not paper:
-            raise ConfigError(
-                "--live: a live exchange broker is not part of this version; the runner trades on paper only"
-            )
         p = load_params(params)
         p = replace_section(
             p, "live", exchange=exchange, models_dir=models, registry_url=registry_url, state_path=state
@@ -530,23 +608,79 @@ def live(
             def clock() -> int:
                 return origin + int((_time.monotonic() - t0) * clock_speed * 1000)
 
+        broker = None
         client = make_exchange(p.live.exchange, api_url=api_url, timeout_ms=p.fetch.timeout_ms)
+        if not paper:
+            from cryptoml.edge.live_broker import LiveBroker, credentials_from_env
+
+            broker = LiveBroker(client, credentials_from_env(), taker_fee_bps=p.broker.taker_fee_bps)
+        feed = _live_bar_feed(p.live.exchange, sym, ws, ws_url, api_url, p.fetch.timeout_ms)
         state_path = Path(p.live.state_path)
         state_path.parent.mkdir(parents=True, exist_ok=True)
-        with StateStore(state_path) as store:
-            runner = Runner(
-                exchange=client, symbol=sym, store=store,
-                models=ModelSource(Path(p.live.models_dir), p.live.registry_url, p.live.shadow),
-                strategy=p.strategy, broker_params=p.broker, live=p.live, clock_ms=clock,
-                sleep=(lambda s: _time.sleep(s / clock_speed)) if clock_start else _time.sleep, start_ms=start_ms,
-            )  # fmt: skip
-            if reset_kill_switch:
-                runner.state = reset(runner.state)
-            stats = runner.run(until_ms=parse_utc_ms(until, "--until") if until else None, max_bars=max_bars)
-            return {"bars": stats.bars, "fills": stats.fills, "errors": stats.errors, "state": str(state_path)}
+        try:
+            with StateStore(state_path) as store:
+                runner = Runner(
+                    exchange=client, symbol=sym, store=store,
+                    models=ModelSource(Path(p.live.models_dir), p.live.registry_url, p.live.shadow),
+                    strategy=p.strategy, broker_params=p.broker, live=p.live, clock_ms=clock,
+                    sleep=(lambda s: _time.sleep(s / clock_speed)) if clock_start else _time.sleep,
+                    start_ms=start_ms, trade_model=trade_model or getattr(p.live, "trade_model", PRICE_MODEL),
+                    scorer=_live_scorer(p, client, sym, api_url) if p.live.opportunity_scoring else None,
+                    broker=broker, bar_feed=feed, model_options=_model_options(p),
+                )  # fmt: skip
+                if reset_kill_switch:
+                    from cryptoml.trading.strategy import reset_kill_switch as reset
+
+                    runner.state = reset(runner.state)
+                stats = runner.run(until_ms=parse_utc_ms(until, "--until") if until else None, max_bars=max_bars)
+        finally:
+            if feed is not None:
+                feed.close()
+        return {
+            "bars": stats.bars, "fills": stats.fills, "errors": stats.errors, "stream_bars": stats.stream_bars,
+            "mode": "paper" if paper else "live", "state": str(state_path),
+        }  # fmt: skip
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     typer.echo(json.dumps(_edge_guard(body)))
+
+
+def _live_scorer(p: Any, client: Any, symbol: str, api_url: str | None) -> Any:
+    """The runner's opportunity scorer: this exchange's perps, and the spot client beside it."""
+    from cryptoml.edge.scorer import SPOT_CLIENT_OPTIONS, OpportunityScorer, scorer_bases, spot_exchange_id
+    from cryptoml.market.exchange import make_exchange
+
+    spot_id = spot_exchange_id(p.live.exchange)
+    spot = make_exchange(
+        spot_id, api_url=api_url, timeout_ms=p.fetch.timeout_ms, options=SPOT_CLIENT_OPTIONS.get(spot_id)
+    )
+    bases, quote = scorer_bases(p.market.symbols, symbol, p.snapshots.btc_base)
+    return OpportunityScorer(
+        exchange=p.live.exchange, perp_client=client, spot_client=spot, bases=bases, quote=quote,
+        snapshot_params=p.snapshots, opportunity_params=p.opportunities, simulate_params=p.simulate,
+    )  # fmt: skip
+
+
+def _live_bar_feed(
+    exchange_id: str, symbol: str, ws: bool | None, ws_url: str | None, api_url: str | None, timeout_ms: int
+) -> Any:
+    """A KlineStream when websockets are asked for (or by default where ccxt.pro has the exchange), else None.
+
+    With --api-url (a stub or a proxy) and no --ws-url the exchange's real websocket would not match the
+    REST data, so the default is then off.
+    """
+    import logging
+
+    if ws is False or (ws is None and api_url is not None and ws_url is None):
+        return None
+    from cryptoml.edge.stream import KlineStream, pro_exchange_class
+
+    if pro_exchange_class(exchange_id) is None:
+        if ws:
+            raise ConfigError(f"--ws: ccxt.pro has no watchOHLCV for {exchange_id}; run with --no-ws")
+        logging.getLogger("cryptoml.live").info("%s has no ccxt.pro watchOHLCV: polling REST only", exchange_id)
+        return None
+    return KlineStream(exchange_id, symbol, ws_url=ws_url, api_url=api_url, timeout_ms=timeout_ms)
 
 
 def _model_options(p: Any) -> dict[str, Any]:
