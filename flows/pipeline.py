@@ -7,6 +7,7 @@ from typing import Any
 from prefect import flow
 
 from flows.backfill import backfill_flow
+from flows.backtest import backtest_flow
 from flows.opportunity import opportunity_features_flow, simulate_flow, snapshots_flow, train_opportunity_flow
 from flows.price import export_flow, price_features_flow, register_flow, train_price_keras_flow, train_price_lgbm_flow
 from flows.validate import validate_flow
@@ -15,7 +16,7 @@ from tasks.export import FAMILIES
 
 @flow(name="pipeline", log_prints=True)
 def pipeline_flow(params_path: str = "params.yaml") -> dict[str, Any]:
-    """backfill -> validate -> snapshots -> simulate -> features -> train (3 branches) -> export -> register."""
+    """backfill -> validate -> snapshots -> simulate -> features -> train (3) -> export -> register -> backtest."""
     out: dict[str, Any] = {}
     out["backfill"] = backfill_flow(params_path=params_path)
     out["validate"] = validate_flow(params_path=params_path)
@@ -28,6 +29,7 @@ def pipeline_flow(params_path: str = "params.yaml") -> dict[str, Any]:
     out["train_price_keras"] = train_price_keras_flow(params_path=params_path)
     out["export"] = {family: export_flow(family, params_path=params_path) for family in FAMILIES}
     out["register"] = register_flow(params_path=params_path)
+    out["backtest"] = backtest_flow(params_path=params_path)
     return out
 
 
