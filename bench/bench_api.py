@@ -4,34 +4,47 @@ Models: the bundles under ``models/`` when the three opportunity bundles load fr
 repro`` exports), else bundles trained here on generated rows (the test suite's builder, with the
 default 9-hold grid and 200 trees of depth 6, near the pipeline's early-stopped sizes). The
 ``opportunity_profit`` ONNX graph is also logged with ``mlflow.onnx.log_model`` into a temporary sqlite
-store and served with ``mlflow models serve --env-manager local`` (1 uvicorn worker, as ours).
+store and served with ``mlflow models serve --env-manager local``.
 
-Both servers run as separate processes on 127.0.0.1; the load comes from this process over keep-alive
-HTTP/1.1 connections (``http.client``, one per client thread). Requests: ours is one opportunity's
-entry-time fields, scored as the API does (features at each candidate hold, profit + success + hold
-models, composite score, Kelly), once with ``hold_hours`` given (1 hold: the same single profit-model
-row MLflow scores, plus the rest of the work) and once choosing among the 9 holds; MLflow's is the
-same row's 34 features as ``{"inputs": [[...]]}``.
+Servers: each a separate process on 127.0.0.1 with one uvicorn worker, uvloop + httptools (mlflow's
+``uvicorn`` CLI picks the same pair when installed), no access log. Ours runs twice: with the fast path
+(the default) and with ``fast_path=False`` (every request through FastAPI: the "before" figures).
 
-1. ``rates``: open loop at fixed request rates for ``RATE_SECONDS`` each: request ``i`` is due at
-   ``i / rate``; latency is measured from the due time (so queueing when a server falls behind counts,
-   no coordinated omission), ``p50_ms`` / ``p99_ms``; ``achieved_rps`` = answered / elapsed.
-2. ``max_rps``: closed loop, ``CLIENTS`` connections sending back to back for ``MAX_SECONDS``.
-3. ``ratio``: ours / MLflow of ``max_rps``, and MLflow / ours of p50 at each rate (target >= 3x).
+Work per request: ours is one opportunity's entry-time fields, scored as the API does (features at each
+candidate hold, profit + success + hold models, composite score, Kelly), once with ``hold_hours`` given
+(1 hold: the same single profit-model row MLflow scores, plus the rest of the work) and once choosing
+among the 9 holds; MLflow's is that row's 34 features as ``{"inputs": [[...]]}`` through the profit model
+only. Ours does more work per request; the ratios below are end to end, as a client sees them.
 
-On this 2-core machine the load generator shares the CPUs with the server under test, so absolute
-figures are pessimistic; the ratio is the comparable number. No assertions (``python -m bench api``).
+Client: this process, one thread driving non-blocking keep-alive HTTP/1.1 connections with ``select``
+(pre-encoded requests, Content-Length framing; no thread switches or GIL hand-offs, so its own cost per
+request is small and the same for every server). The client and the server under test share the 2 cores.
+
+1. ``sequential``: one connection, one request at a time (latency of an idle server).
+2. ``rates``: open loop at fixed request rates for ``RATE_SECONDS`` each over ``RATE_CONNECTIONS``
+   connections: request ``i`` is due at ``i / rate`` and is sent then on an idle connection (or as soon
+   as one frees up); latency is measured from the due time, so queueing when a server falls behind
+   counts (no coordinated omission). ``p50_ms`` / ``p99_ms``; ``achieved_rps`` = answered / elapsed.
+3. ``max``: closed loop, ``CLIENTS`` connections each sending its next request as soon as the answer
+   to the last one arrives, for ``MAX_SECONDS``: the maximum sustainable throughput (``rps``) at that
+   concurrency, with its latencies.
+4. ``ratio``: ours / MLflow of ``max`` rps; MLflow / ours of p50 and p99 at each rate and sequentially
+   (> 1: ours is faster; target >= 3x).
+
+All three servers run at once; each measurement is taken against every server back to back, and the whole
+series twice (``REPEATS``; figures are medians), so that the drifting load of a shared machine hits all
+servers alike. No assertions (``python -m bench api``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import selectors
 import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,13 +53,14 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-RATES = (100, 250, 500)  # requests per second
+RATES = (100, 300, 600, 1000)  # requests per second
 SEQUENTIAL_REQUESTS = 2000
-RATE_SECONDS = 5.0
-MAX_SECONDS = 5.0
-CLIENTS = 4
-RATE_CLIENTS = 16  # connections of the open-loop generator (enough to keep up with slow answers)
+RATE_SECONDS = 4.0
+MAX_SECONDS = 4.0
+CLIENTS = 8  # closed-loop connections
+RATE_CONNECTIONS = 32  # open-loop connections (enough to keep sending on time while a server lags)
 WARMUP_REQUESTS = 200
+REPEATS = 2  # whole series per server; figures are medians
 BENCH_HOLDS = (1.0, 4.0, 8.0, 12.0, 24.0, 48.0, 72.0, 120.0, 168.0)  # params.yaml simulate.hold_hours
 
 
@@ -145,85 +159,143 @@ def sequential(url: str, request: bytes, n: int) -> dict[str, float]:
     return _percentiles(latencies)
 
 
+class _Connection:
+    """One non-blocking keep-alive connection of the load generator: at most one request in flight."""
+
+    def __init__(self, url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.sock = socket.create_connection((host, int(port)), timeout=30)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.sock.setblocking(False)
+        self.buf = b""
+        self.due = 0.0  # when the request in flight was due (perf_counter seconds)
+
+    def answer(self) -> tuple[int, bytes] | None:
+        """The complete answer in the buffer, if any (status, body); raises when the server closed."""
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("server closed the connection")
+        self.buf += chunk
+        head, sep, rest = self.buf.partition(b"\r\n\r\n")
+        if not sep:
+            return None
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if len(rest) < length:
+            return None
+        self.buf = rest[length:]
+        return int(head[9:12]), rest[:length]
+
+
+def _drive(
+    url: str, request: bytes, n_connections: int, due_times: list[float] | None, seconds: float
+) -> dict[str, Any]:
+    """Send ``request`` over ``n_connections`` from one thread; latencies in seconds.
+
+    ``due_times`` (open loop): request ``i`` goes out at ``due_times[i]`` on an idle connection, or when one
+    frees up; its latency counts from the due time. None (closed loop): every connection sends again as
+    soon as its answer arrives, until ``seconds`` have passed.
+    """
+    # select(), not epoll: its timeout has microsecond resolution (epoll rounds up to milliseconds)
+    selector = selectors.SelectSelector()
+    connections = [_Connection(url) for _ in range(n_connections)]
+    idle = list(connections)
+    for c in connections:
+        selector.register(c.sock, selectors.EVENT_READ, c)
+    latencies: list[float] = []
+    errors = 0
+    next_i = 0
+    started = time.perf_counter()
+    stop = started + seconds
+    while True:
+        now = time.perf_counter()
+        if due_times is None:
+            while idle and now < stop:
+                c = idle.pop()
+                c.due = now
+                c.sock.sendall(request)
+            if len(idle) == n_connections:
+                break
+            timeout = None
+        else:
+            while idle and next_i < len(due_times) and due_times[next_i] <= now:
+                c = idle.pop()
+                c.due = due_times[next_i]
+                next_i += 1
+                c.sock.sendall(request)
+            if next_i == len(due_times) and len(idle) == n_connections:
+                break
+            timeout = max(due_times[next_i] - now, 0.0) if idle and next_i < len(due_times) else None
+        for key, _ in selector.select(timeout):
+            c = key.data
+            answer = c.answer()
+            if answer is None:
+                continue
+            latencies.append(time.perf_counter() - c.due)
+            errors += answer[0] != 200
+            idle.append(c)
+    elapsed = time.perf_counter() - started
+    for c in connections:
+        selector.unregister(c.sock)
+        c.sock.close()
+    return {"latencies": latencies, "errors": errors, "elapsed_s": elapsed}
+
+
 def fixed_rate(url: str, request: bytes, rate: float, seconds: float) -> dict[str, float]:
     """Open-loop load at ``rate`` requests/s; latency from each request's due time."""
-    total = int(rate * seconds)
-    next_index = iter(range(total))
-    lock = threading.Lock()
-    latencies: list[float] = []
-    errors = [0]
     start = time.perf_counter() + 0.05
-
-    def worker() -> None:
-        client = _Client(url)
-        mine: list[float] = []
-        while True:
-            with lock:
-                i = next(next_index, None)
-            if i is None:
-                break
-            due = start + i / rate
-            delay = due - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            try:
-                _ok(client, request)
-                mine.append(time.perf_counter() - due)
-            except (OSError, RuntimeError):
-                errors[0] += 1
-                client.close()
-                client = _Client(url)
-        client.close()
-        with lock:
-            latencies.extend(mine)
-
-    threads = [threading.Thread(target=worker) for _ in range(RATE_CLIENTS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.perf_counter() - start
+    due = [start + i / rate for i in range(int(rate * seconds))]
+    run = _drive(url, request, RATE_CONNECTIONS, due, seconds)
     return {
         "target_rps": float(rate),
-        "achieved_rps": round(len(latencies) / elapsed, 1),
-        **_percentiles(latencies),
-        "errors": errors[0],
+        "achieved_rps": round(len(run["latencies"]) / (run["elapsed_s"] - 0.05), 1),
+        **_percentiles(run["latencies"]),
+        "errors": run["errors"],
     }
 
 
 def max_throughput(url: str, request: bytes, seconds: float) -> dict[str, float]:
     """Closed loop: CLIENTS connections back to back; requests/s and per-request latency."""
-    stop = time.perf_counter() + seconds
-    lock = threading.Lock()
-    latencies: list[float] = []
-
-    def worker() -> None:
-        client = _Client(url)
-        mine = []
-        while time.perf_counter() < stop:
-            t0 = time.perf_counter()
-            _ok(client, request)
-            mine.append(time.perf_counter() - t0)
-        client.close()
-        with lock:
-            latencies.extend(mine)
-
-    started = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(CLIENTS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return {"rps": round(len(latencies) / (time.perf_counter() - started), 1), **_percentiles(latencies)}
-
-
-def _measure(url: str, path: str, body: bytes) -> dict[str, Any]:
-    request = _request("POST", path, body)
-    sequential(url, request, WARMUP_REQUESTS)
+    run = _drive(url, request, CLIENTS, None, seconds)
     return {
-        "sequential": sequential(url, request, SEQUENTIAL_REQUESTS),
-        "rates": [fixed_rate(url, request, rate, RATE_SECONDS) for rate in RATES],
-        "max": max_throughput(url, request, MAX_SECONDS),
+        "rps": round(len(run["latencies"]) / run["elapsed_s"], 1),
+        **_percentiles(run["latencies"]),
+        "errors": run["errors"],
+    }
+
+
+def _measure_all(targets: dict[str, tuple[str, bytes]], repeats: int) -> dict[str, dict[str, Any]]:
+    """Every measurement against every target back to back (a target: url, pre-encoded request), the whole
+    series ``repeats`` times; each figure is the median over the repeats. On a shared machine the load of
+    other processes drifts over minutes: interleaving gives every server the same conditions."""
+    for url, request in targets.values():
+        sequential(url, request, WARMUP_REQUESTS)
+    runs: dict[str, list[dict[str, Any]]] = {key: [] for key in targets}
+    for _ in range(repeats):
+        one: dict[str, dict[str, Any]] = {key: {"rates": []} for key in targets}
+        for key, (url, request) in targets.items():
+            one[key]["sequential"] = sequential(url, request, SEQUENTIAL_REQUESTS)
+        for rate in RATES:
+            for key, (url, request) in targets.items():
+                one[key]["rates"].append(fixed_rate(url, request, rate, RATE_SECONDS))
+        for key, (url, request) in targets.items():
+            one[key]["max"] = max_throughput(url, request, MAX_SECONDS)
+        for key in targets:
+            runs[key].append(one[key])
+    return {key: _median_run(r) for key, r in runs.items()}
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    def med(items: list[dict[str, float]]) -> dict[str, float]:
+        return {k: round(float(np.median([i[k] for i in items])), 3) for k in items[0]}
+
+    return {
+        "sequential": med([r["sequential"] for r in runs]),
+        "rates": [med([r["rates"][i] for r in runs]) for i in range(len(RATES))],
+        "max": med([r["max"] for r in runs]),
     }
 
 
@@ -321,10 +393,12 @@ def run() -> dict[str, Any]:
         grid = _payload(None)
         # in-process cost of the work behind one request, for reference
         one_row = {c: np.asarray([one[c]]) for c in INPUT_COLUMNS}
+        profit_row = feature_matrix(one_row).astype(np.float32)
         calls: dict[str, Callable[[], Any]] = {
             "score_1_hold_us": lambda: models.score_opportunity(one),
             "score_grid_us": lambda: models.score_opportunity(grid),
             "feature_matrix_1_row_us": lambda: feature_matrix(one_row),
+            "profit_onnx_1_row_us": lambda: models.bundles["opportunity_profit"].predict(profit_row),
         }
         for key, call in calls.items():
             for _ in range(200):
@@ -343,49 +417,73 @@ def run() -> dict[str, Any]:
             # ... through uvicorn's CLI, which reads UVICORN_* variables: no access log, as ours
             "UVICORN_ACCESS_LOG": "false",
         }
-        port = _free_port()
-        ours_url = f"http://127.0.0.1:{port}"
-        code = (
-            "import logging, sys; from pathlib import Path; from cryptoml.edge.api import serve; "
-            f"serve('127.0.0.1', {port}, Path({str(models_dir)!r}), log_level='warning')"
-        )
-        proc, figures["api_start_s"] = _serve([sys.executable, "-c", code], env, ROOT, ours_url, "/health", 60, tmp)
-        try:
-            figures["api_health_sequential"] = sequential(ours_url, _request("GET", "/health"), SEQUENTIAL_REQUESTS)
-            figures["api_1_hold"] = _measure(ours_url, "/predict", json.dumps(one).encode())
-            figures["api_grid"] = _measure(ours_url, "/predict", json.dumps(grid).encode())
-        finally:
-            _stop(proc)
-
         uri = _log_to_mlflow(models_dir / "opportunity_profit" / "model.onnx", tmp)
-        port = _free_port()
-        mlflow_url = f"http://127.0.0.1:{port}"
-        mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
-        cmd = [mlflow_bin, "models", "serve", "--env-manager", "local", "-m", uri, "-h", "127.0.0.1", "-p", str(port)]
-        proc, figures["mlflow_start_s"] = _serve(cmd, env, tmp, mlflow_url, "/ping", 180, tmp)
+        procs = []
         try:
+            urls = {}
+            for fast in (True, False):  # ours with the fast path, and FastAPI alone ("before")
+                port = _free_port()
+                urls[fast] = f"http://127.0.0.1:{port}"
+                code = (
+                    "from pathlib import Path; from cryptoml.edge.api import serve; "
+                    f"serve('127.0.0.1', {port}, Path({str(models_dir)!r}), log_level='warning', fast_path={fast})"
+                )
+                proc, figures["api_start_s" if fast else "api_fastapi_start_s"] = _serve(
+                    [sys.executable, "-c", code], env, ROOT, urls[fast], "/health", 60, tmp
+                )
+                procs.append(proc)
+            port = _free_port()
+            mlflow_url = f"http://127.0.0.1:{port}"
+            mlflow_bin = str(Path(sys.executable).with_name("mlflow"))
+            cmd = [mlflow_bin, "models", "serve", "--env-manager", "local", "-m", uri, "-h", "127.0.0.1"]
+            proc, figures["mlflow_start_s"] = _serve([*cmd, "-p", str(port)], env, tmp, mlflow_url, "/ping", 180, tmp)
+            procs.append(proc)
+
             row = feature_matrix(one_row)[0].astype(np.float32).tolist()
-            body = json.dumps({"inputs": [row]}).encode()
+            mlflow_body = json.dumps({"inputs": [row]}).encode()
             probe = _Client(mlflow_url)
-            answer = json.loads(_ok(probe, _request("POST", "/invocations", body)))["predictions"]
+            answer = json.loads(_ok(probe, _request("POST", "/invocations", mlflow_body)))["predictions"]
             probe.close()
             # the ONNX pyfunc answers {output name: values}; the regressor's output is "variable"
             served = float(np.ravel(answer["variable"] if isinstance(answer, dict) else answer)[0])
-            ours = models.score_opportunity(one)["predicted_profit_pct"]
-            figures["mlflow_answer_matches"] = abs(served - ours) < 1e-5
-            figures["mlflow_ping_sequential"] = sequential(mlflow_url, _request("GET", "/ping"), SEQUENTIAL_REQUESTS)
-            figures["mlflow"] = _measure(mlflow_url, "/invocations", body)
-        finally:
-            _stop(proc)
+            figures["mlflow_answer_matches"] = (
+                abs(served - models.score_opportunity(one)["predicted_profit_pct"]) < 1e-5
+            )
 
+            figures["api_health_sequential"] = sequential(urls[True], _request("GET", "/health"), SEQUENTIAL_REQUESTS)
+            figures["mlflow_ping_sequential"] = sequential(mlflow_url, _request("GET", "/ping"), SEQUENTIAL_REQUESTS)
+            one_body, grid_body = json.dumps(one).encode(), json.dumps(grid).encode()
+            targets = {
+                "api_1_hold": (urls[True], _request("POST", "/predict", one_body)),
+                "api_grid": (urls[True], _request("POST", "/predict", grid_body)),
+                "api_fastapi_1_hold": (urls[False], _request("POST", "/predict", one_body)),
+                "api_fastapi_grid": (urls[False], _request("POST", "/predict", grid_body)),
+                "mlflow": (mlflow_url, _request("POST", "/invocations", mlflow_body)),
+            }
+            figures.update(_measure_all(targets, REPEATS))
+        finally:
+            for proc in procs:
+                _stop(proc)
+
+    # per-request cost beyond the model work: sequential p50 minus the in-process work of that request
+    work_us = {"api_1_hold": "score_1_hold_us", "api_grid": "score_grid_us", "mlflow": "profit_onnx_1_row_us"}
+    work_us |= {"api_fastapi_1_hold": "score_1_hold_us", "api_fastapi_grid": "score_grid_us"}
+    figures["overhead_ms"] = {
+        key: round(figures[key]["sequential"]["p50_ms"] - figures[work_us[key]] / 1e3, 3) for key in (*OURS, "mlflow")
+    }
     ml = figures["mlflow"]
-    for key in ("api_1_hold", "api_grid"):
+    for key in OURS:
         ours = figures[key]
         figures[f"ratio_{key}"] = {
             "sequential_p50": round(ml["sequential"]["p50_ms"] / ours["sequential"]["p50_ms"], 2),
+            "sequential_p99": round(ml["sequential"]["p99_ms"] / ours["sequential"]["p99_ms"], 2),
             "max_rps": round(ours["max"]["rps"] / ml["max"]["rps"], 2),
             "p50_at_rate": {
                 str(int(a["target_rps"])): round(b["p50_ms"] / a["p50_ms"], 2)
+                for a, b in zip(ours["rates"], ml["rates"], strict=True)
+            },
+            "p99_at_rate": {
+                str(int(a["target_rps"])): round(b["p99_ms"] / a["p99_ms"], 2)
                 for a, b in zip(ours["rates"], ml["rates"], strict=True)
             },
         }
@@ -393,35 +491,50 @@ def run() -> dict[str, Any]:
     return figures
 
 
+OURS = ("api_1_hold", "api_grid", "api_fastapi_1_hold", "api_fastapi_grid")
+LABELS = {
+    "api_1_hold": "fast path, 1 hold",
+    "api_grid": "fast path, 9 holds",
+    "api_fastapi_1_hold": "FastAPI, 1 hold",
+    "api_fastapi_grid": "FastAPI, 9 holds",
+    "mlflow": "mlflow (profit only)",
+}
+
+
 def _print(figures: dict[str, Any]) -> None:
     print(f"models: {figures['models']}")
     print(
         f"in-process: score 1 hold {figures['score_1_hold_us']} us, 9-hold grid {figures['score_grid_us']} us, "
-        f"of which feature_matrix (1 row) {figures['feature_matrix_1_row_us']} us"
+        f"of which feature_matrix (1 row) {figures['feature_matrix_1_row_us']} us; mlflow's work: the profit "
+        f"model on 1 row {figures['profit_onnx_1_row_us']} us"
     )
-    print(f"start: api {figures['api_start_s']:.1f} s, mlflow {figures['mlflow_start_s']:.1f} s")
     print(
-        f"framework floor, sequential p50: GET /health {figures['api_health_sequential']['p50_ms']:.2f} ms, "
+        f"start: api {figures['api_start_s']:.1f} s, mlflow {figures['mlflow_start_s']:.1f} s; framework floor, "
+        f"sequential p50: GET /health {figures['api_health_sequential']['p50_ms']:.2f} ms, "
         f"mlflow GET /ping {figures['mlflow_ping_sequential']['p50_ms']:.2f} ms"
     )
-    print(f"{'server':<22}{'rate':>6}{'achieved':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
-    servers = (("api_1_hold", "cryptoml 1 hold"), ("api_grid", "cryptoml 9 holds"), ("mlflow", "mlflow (profit)"))
-    for key, label in servers:
+    print(f"{'server':<24}{'rate':>6}{'achieved':>10}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
+    for key, label in LABELS.items():
         q = figures[key]["sequential"]
-        print(f"{label:<22}{'seq':>6}{'':>10}{q['p50_ms']:>9.2f}{q['p99_ms']:>9.2f}")
+        print(f"{label:<24}{'seq':>6}{'':>10}{q['p50_ms']:>9.2f}{q['p99_ms']:>9.2f}")
         for r in figures[key]["rates"]:
             print(
-                f"{label:<22}{r['target_rps']:>6.0f}{r['achieved_rps']:>10.1f}{r['p50_ms']:>9.2f}"
+                f"{label:<24}{r['target_rps']:>6.0f}{r['achieved_rps']:>10.1f}{r['p50_ms']:>9.2f}"
                 f"{r['p99_ms']:>9.2f}{r['errors']:>8}"
             )
         m = figures[key]["max"]
-        print(f"{label:<22}{'max':>6}{m['rps']:>10.1f}{m['p50_ms']:>9.2f}{m['p99_ms']:>9.2f}")
-    for key in ("api_1_hold", "api_grid"):
+        print(f"{label:<24}{'max':>6}{m['rps']:>10.1f}{m['p50_ms']:>9.2f}{m['p99_ms']:>9.2f}{m['errors']:>8}")
+    for key in OURS:
         r = figures[f"ratio_{key}"]
         print(
-            f"ratio {key} vs mlflow: sequential p50 x{r['sequential_p50']}, max rps x{r['max_rps']}, "
-            f"p50 at each rate {r['p50_at_rate']} (> 1: ours is faster)"
+            f"ratio {LABELS[key]} vs mlflow (> 1: ours is faster): max rps x{r['max_rps']}, sequential p50 "
+            f"x{r['sequential_p50']} p99 x{r['sequential_p99']}, p50 by rate {r['p50_at_rate']}, "
+            f"p99 by rate {r['p99_at_rate']}"
         )
+    print(
+        "per-request overhead beyond the model work (sequential p50 - in-process work), ms: "
+        + ", ".join(f"{LABELS[k]} {v:.2f}" for k, v in figures["overhead_ms"].items())
+    )
     print(f"mlflow answer equals ours: {figures['mlflow_answer_matches']}")
 
 

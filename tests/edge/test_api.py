@@ -4,11 +4,14 @@ The module fixture trains tiny models with the project's wrappers on generated r
 success / hold, LightGBM forward return) plus two untrained Keras CNN+LSTM networks (built, not fitted:
 the API only needs a valid bundle, and a fit costs seconds), exports each with the parity gate, and
 serves them with uvicorn in a thread. Schemathesis then fuzzes the OpenAPI schema (positive and negative
-cases, > 1,000 in all) checking that nothing answers 5xx and that every response matches the schema.
+cases, > 1,000 in all) checking that nothing answers 5xx, that every response matches the schema, and that
+the fast path (the default) answers every case exactly as FastAPI alone does (a second server, built with
+``fast_path=False``, gets each case too).
 """
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import shutil
@@ -285,6 +288,15 @@ def base_url(models_dir: Path) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture(scope="module")
+def fastapi_url(models_dir: Path) -> Iterator[str]:
+    """The same app with every request answered by FastAPI (no fast path): the reference for the fast one."""
+    from cryptoml.edge.api import create_app
+
+    with running(create_app(models_dir, max_batch=16, fast_path=False)) as url:
+        yield url
+
+
 @pytest.fixture()
 def client(base_url: str) -> Iterator[Client]:
     c = Client(base_url)
@@ -479,7 +491,7 @@ def test_oversized_batches_and_bodies_are_refused(client: Client) -> None:
     assert len(big) > 1 << 20
     status, answer = client.request("POST", "/predict/batch", raw=big)
     assert status == 413 and "1048576 bytes" in answer["detail"]
-    conn = http.client.HTTPConnection(*client.conn.host.split(":"), client.conn.port, timeout=30)
+    conn = http.client.HTTPConnection(client.conn.host, client.conn.port, timeout=30)
     conn.request(
         "POST",
         "/predict/batch",
@@ -509,6 +521,7 @@ def test_price_prediction_equals_the_models(client: Client, model_set: ModelSet,
     stream = StreamingFeatures()
     for row in zip(*bars.values(), strict=True):
         vector = stream.update(*row)
+    assert vector is not None
     lgbm = load_bundle(models_dir / "price_lgbm")
     assert answer["forward_return"] == pytest.approx(float(lgbm.predict(vector[None, :])[0]), abs=1e-12)
     keras = {p["model"]: p for p in answer["predictions"]}["price_cnn_lstm"]
@@ -613,6 +626,124 @@ def test_corrupt_and_mismatched_bundles_are_skipped_and_reported(models_dir: Pat
         c.close()
 
 
+# --- the fast path: same answers as FastAPI, coalesced scoring ---------------------------------------
+
+JSON = "application/json"
+
+
+def _j(body: Any) -> bytes:
+    return body if isinstance(body, bytes) else json.dumps(body).encode()
+
+
+SAME_AS_FASTAPI: list[tuple[str, str, bytes, str]] = [
+    # (case, path, raw body, content type): each must get the same status and body from both servers
+    ("valid, best hold", "/predict", _j(_valid()), JSON),
+    ("valid, given hold", "/predict", _j({**_valid(), "hold_hours": 8.0}), JSON),
+    ("charset parameter", "/predict", _j(_valid()), "application/json; charset=utf-8"),
+    ("upper-case type", "/predict", _j(_valid()), "Application/JSON"),
+    ("+json subtype", "/predict", _j(_valid()), "application/vnd.api+json"),
+    ("text/plain", "/predict", _j(_valid()), "text/plain"),
+    ("duplicate key: the last wins", "/predict", _j(_valid())[:-1] + b', "fund_apr": -3.5}', JSON),
+    ("UTF-8 BOM", "/predict", b"\xef\xbb\xbf" + _j(_valid()), JSON),
+    ("UTF-16 body", "/predict", json.dumps(_valid()).encode("utf-16"), JSON),
+    ("integer-valued float ts", "/predict", _j({**_valid(), "ts_ms": 1.7040672e12}), JSON),
+    ("big integer for a float", "/predict", _j({**_valid(), "fund_apr": 10**30}), JSON),
+    ("lone surrogate", "/predict", _j({**_valid(), "regime": "\ud800"}), JSON),
+    ("valid batch", "/predict/batch", _j({"opportunities": [_valid()] * 3}), JSON),
+    ("batch, one bad", "/predict/batch", _j({"opportunities": [_valid(), {**_valid(), "ts_ms": -1}]}), JSON),
+    ("price", "/predict/price", _j({"bars": bars_payload(random_bars(130, seed=3))}), JSON),
+    ("price, bad order", "/predict/price", _j({"bars": bars_payload(random_bars(3, seed=3))[::-1]}), JSON),
+    *[(f"bad field: {case}", "/predict", _j(body), JSON) for case, body, _ in BAD_OPPORTUNITIES],
+    ("truncated", "/predict", b'{"ts_ms": 1704067200000, "strategy": ', JSON),
+    ("empty", "/predict", b"", JSON),
+    ("a list", "/predict/batch", b"[1, 2]", JSON),
+    ("nested too deep", "/predict/price", b"[" * 5000 + b"]" * 5000, JSON),
+]
+
+
+@pytest.mark.parametrize(("case", "path", "raw", "content_type"), SAME_AS_FASTAPI, ids=[c[0] for c in SAME_AS_FASTAPI])
+def test_fast_path_answers_exactly_as_fastapi(
+    base_url: str, fastapi_url: str, case: str, path: str, raw: bytes, content_type: str
+) -> None:
+    answers = []
+    for url in (base_url, fastapi_url):
+        c = Client(url)
+        answers.append(c.request("POST", path, raw=raw, headers={"content-type": content_type}))
+        c.close()
+    assert answers[0] == answers[1], case
+    assert answers[0][0] < 500
+
+
+def _post_concurrently(app: Any, path: str | list[str], bodies: list[bytes]) -> list[tuple[int, Any]]:
+    """POST ``bodies`` (to ``path``, or each to its own) to the ASGI ``app`` at once: one event loop, no sockets."""
+    import httpx
+
+    paths = [path] * len(bodies) if isinstance(path, str) else path
+
+    async def main() -> list[tuple[int, Any]]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as c:
+            sent = [c.post(p, content=b, headers={"content-type": JSON}) for p, b in zip(paths, bodies, strict=True)]
+            return [(r.status_code, r.json()) for r in await asyncio.gather(*sent)]
+
+    return asyncio.run(main())
+
+
+def _count_scoring(monkeypatch: pytest.MonkeyPatch, models: ModelSet) -> list[int]:
+    rows_per_call: list[int] = []
+    score = models.score_opportunities
+
+    def counted(rows: Any) -> Any:
+        rows_per_call.append(len(rows))
+        return score(rows)
+
+    monkeypatch.setattr(models, "score_opportunities", counted)
+    return rows_per_call
+
+
+def test_concurrent_requests_are_scored_together_with_their_own_answers(
+    models_dir: Path, model_set: ModelSet, opportunities: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cryptoml.edge.api import create_app
+
+    payloads = [opportunity_payload(opportunities, i, hold=i % 2 == 0) for i in range(8)]
+    bodies = [json.dumps(p).encode() for p in payloads]
+    expected = [model_set.score_opportunity(p) for p in payloads]
+    fast = create_app(models_dir)
+    calls = _count_scoring(monkeypatch, fast.state.models)
+    assert _post_concurrently(fast, "/predict", bodies) == [(200, e) for e in expected]
+    assert calls == [8]  # one vectorised call for the 8 requests that waited in the same loop turn
+    batch = json.dumps({"opportunities": payloads[:3]}).encode()
+    answers = _post_concurrently(fast, ["/predict/batch", "/predict", "/predict"], [batch, *bodies[3:5]])
+    assert answers == [(200, {"predictions": expected[:3], "count": 3}), (200, expected[3]), (200, expected[4])]
+    assert calls == [8, 5]
+
+    slow = create_app(models_dir, fast_path=False)
+    calls = _count_scoring(monkeypatch, slow.state.models)
+    assert _post_concurrently(slow, "/predict", bodies) == [(200, e) for e in expected]
+    assert calls == [1] * 8
+
+
+def test_a_failing_request_among_coalesced_ones_gets_its_own_error_only(
+    models_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the hold model, a request without hold_hours fails in the model code (not in validation):
+    the joint call fails, each request is scored alone, and only that one gets FastAPI's 422."""
+    from cryptoml.edge.api import create_app
+
+    for name in ("opportunity_profit", "opportunity_success"):
+        shutil.copytree(models_dir / name, tmp_path / name)
+    app = create_app(tmp_path)
+    calls = _count_scoring(monkeypatch, app.state.models)
+    good = json.dumps({**_valid(), "hold_hours": 8.0}).encode()
+    bad = json.dumps(_valid()).encode()
+    answers = _post_concurrently(app, "/predict", [good, bad, good])
+    alone = [_post_concurrently(create_app(tmp_path, fast_path=False), "/predict", [b])[0] for b in (good, bad)]
+    assert answers == [alone[0], alone[1], alone[0]]
+    assert answers[1][0] == 422 and "hold_hours is required" in answers[1][1]["message"]
+    assert calls[0] == 3 and sorted(calls[1:4]) == [1, 1, 1]  # joint, then each alone (FastAPI retries the bad one)
+
+
 # --- footprint, load ---------------------------------------------------------------------------------
 
 
@@ -682,7 +813,7 @@ FUZZ_TARGETS = [
 
 @pytest.mark.parametrize(("method", "path", "mode"), FUZZ_TARGETS)
 def test_fuzzing_the_schema_gives_no_5xx_and_conforming_responses(
-    api_schema: Any, base_url: str, method: str, path: str, mode: str
+    api_schema: Any, base_url: str, fastapi_url: str, method: str, path: str, mode: str
 ) -> None:
     from hypothesis import HealthCheck, given, settings
     from schemathesis import GenerationMode
@@ -708,6 +839,11 @@ def test_fuzzing_the_schema_gives_no_5xx_and_conforming_responses(
     def run(case: Any) -> None:
         response = case.call_and_validate(base_url=base_url, checks=checks)
         statuses.append(response.status_code)
+        if method == "POST":  # the fast path answers as FastAPI alone would (/health differs by its uptime)
+            reference = case.call(base_url=fastapi_url)
+            assert (response.status_code, response.content) == (reference.status_code, reference.content) or (
+                response.status_code == reference.status_code and response.json() == reference.json()
+            )
 
     run()
     assert statuses and max(statuses) < 500
