@@ -610,6 +610,7 @@ class OrchestrationParams:
     retrain_cron: str = "0 3 * * 1"  # weekly retrain: Monday 03:00
     backfill_cron: str = "0 * * * *"  # hourly incremental backfill
     drift_cron: str = "*/15 * * * *"  # drift_check every 15 minutes
+    shadow_review_cron: str = "30 * * * *"  # challenger vs champion on the shadow predictions, hourly
     timezone: str = "UTC"
 
     def validate(self) -> None:
@@ -619,7 +620,7 @@ class OrchestrationParams:
             raise ConfigError(f"orchestration.dask_address must look like tcp://host:port, got {self.dask_address!r}")
         if self.dask_workers < 1:
             raise ConfigError(f"orchestration.dask_workers must be >= 1, got {self.dask_workers}")
-        for name in ("retrain_cron", "backfill_cron", "drift_cron"):
+        for name in ("retrain_cron", "backfill_cron", "drift_cron", "shadow_review_cron"):
             _check_cron(getattr(self, name), f"orchestration.{name}")
         if not self.timezone:
             raise ConfigError("orchestration.timezone: empty")

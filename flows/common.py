@@ -31,6 +31,9 @@ def task_runner_for(params: Params) -> Any:
         return ThreadPoolTaskRunner(max_workers=orchestration.dask_workers)
     from prefect_dask import DaskTaskRunner
 
+    # distributed logs every worker start / stop at INFO on the console; keep its warnings and errors.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+
     if orchestration.dask_address:
         return DaskTaskRunner(address=orchestration.dask_address)
     return DaskTaskRunner(
@@ -40,7 +43,7 @@ def task_runner_for(params: Params) -> Any:
             "threads_per_worker": 1,
             "processes": True,
             "host": "127.0.0.1",
-            "dashboard_address": None,
+            "dashboard_address": "127.0.0.1:0",  # loopback, any free port (None still tries :8787)
         },
     )
 

@@ -9,17 +9,24 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 
 from cryptoml.atomic import atomic_write_text
-from cryptoml.config import Params
+from cryptoml.config import Params, SimulateParams
 from cryptoml.errors import ConfigError
 from cryptoml.frames import read_frame, write_frame
 from cryptoml.market.store import ParquetStore
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from cryptoml.simulate.positions import FundingEvents, PricePaths, SimulationResult
 
 log = logging.getLogger("cryptoml")
 
@@ -83,10 +90,50 @@ def build_snapshots_task(params: Params) -> dict[str, Any]:
     return metrics
 
 
-@task(name="simulate")
-def simulate_task(params: Params) -> dict[str, Any]:
-    """Simulate every opportunity at every hold duration; positions past the data are dropped and counted."""
-    from cryptoml.simulate.positions import build_funding_events, build_price_paths, simulate_positions
+@dataclass(frozen=True)
+class SimulationInputs:
+    """What every simulation chunk reads: the opportunities (row order kept) and the market paths."""
+
+    opportunities: pd.DataFrame
+    prices: PricePaths
+    funding: FundingEvents
+
+
+def simulation_chunks(n_opportunities: int, n_holds: int, chunk_positions: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` row ranges of the opportunities, in order, each simulating at most ``chunk_positions``
+    positions (opportunity x hold; at least one opportunity per chunk). No opportunity -> one empty chunk.
+
+    Every position depends only on its own opportunity and the market paths, so simulating the chunks
+    anywhere and concatenating them in this order gives the frame one call over all rows would.
+    """
+    if n_opportunities <= 0:
+        return [(0, 0)]
+    per_chunk = max(1, chunk_positions // max(1, n_holds))
+    return [(lo, min(lo + per_chunk, n_opportunities)) for lo in range(0, n_opportunities, per_chunk)]
+
+
+def merge_simulations(parts: Sequence[SimulationResult]) -> SimulationResult:
+    """Concatenate chunk results in chunk order and add up their drop counts (at least one part)."""
+    import pandas as pd
+
+    from cryptoml.simulate.positions import SimulationResult
+
+    if not parts:
+        raise ValueError("merge_simulations needs at least one chunk result")
+    # An empty chunk's frame has untyped (object) columns: leave it out so the dtypes stay the data's.
+    frames = [part.positions for part in parts if len(part.positions)]
+    positions = pd.concat(frames, ignore_index=True) if frames else parts[0].positions
+    return SimulationResult(
+        positions,
+        dropped_past_data=sum(part.dropped_past_data for part in parts),
+        dropped_gap=sum(part.dropped_gap for part in parts),
+    )
+
+
+@task(name="simulate-inputs", cache_policy=NO_CACHE)
+def load_simulation_inputs_task(params: Params) -> SimulationInputs:
+    """Read the opportunities and the stored market once; build the price paths and funding events."""
+    from cryptoml.simulate.positions import build_funding_events, build_price_paths
     from cryptoml.simulate.snapshots import load_market_frames
 
     exchanges, bases, quote = universe(params)
@@ -96,10 +143,28 @@ def simulate_task(params: Params) -> dict[str, Any]:
         ParquetStore(params.market.data_dir), exchanges, bases, quote, timeframe=params.market.timeframe
     )
     prices = build_price_paths(frames, snaps)
-    funding = build_funding_events(frames, prices)
-    started = time.perf_counter()
-    result = simulate_positions(opps, prices, funding, params.simulate)
-    elapsed = time.perf_counter() - started
+    return SimulationInputs(opps, prices, build_funding_events(frames, prices))
+
+
+# NO_CACHE: the inputs are large frames, and hashing them for a cache key would cost more than the chunk.
+@task(name="simulate-chunk", cache_policy=NO_CACHE)
+def simulate_chunk_task(
+    opportunities: pd.DataFrame, prices: PricePaths, funding: FundingEvents, simulate: SimulateParams
+) -> SimulationResult:
+    """Simulate one chunk of opportunities at every hold duration (runs on any task runner worker)."""
+    from cryptoml.simulate.positions import simulate_positions
+
+    return simulate_positions(opportunities, prices, funding, simulate)
+
+
+@task(name="simulate-write", cache_policy=NO_CACHE)
+def write_positions_task(params: Params, parts: Sequence[SimulationResult], elapsed_s: float) -> dict[str, Any]:
+    """Write ``data/positions.parquet`` from the chunk results (chunk order) and ``reports/simulate.json``.
+
+    Positions past the data are dropped and counted; ``elapsed_s`` is the fan-out's wall time (logged only,
+    so the metrics file stays byte-stable).
+    """
+    result = merge_simulations(parts)
     positions = result.positions
     write_frame(positions, POSITIONS, _synthetic_tag(params))
     by_hold = positions.groupby("hold_hours")["actual_profit_pct"].agg(["count", "mean"])
@@ -112,9 +177,10 @@ def simulate_task(params: Params) -> dict[str, Any]:
     }
     _write_metrics("simulate", metrics)
     log.info(
-        "simulate: %d positions in %.2f s (%d dropped past the data, %d across gaps)",
+        "simulate: %d positions in %.2f s over %d chunk(s) (%d dropped past the data, %d across gaps)",
         len(positions),
-        elapsed,
+        elapsed_s,
+        len(parts),
         result.dropped_past_data,
         result.dropped_gap,
     )
