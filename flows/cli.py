@@ -516,8 +516,8 @@ def deploy(
 ) -> None:
     """Serve the Prefect deployments (pipeline, hourly backfill, drift_check, weekly retrain, shadow_review).
 
-    Needs a Prefect server: PREFECT_API_URL=http://127.0.0.1:4200/api (see docs/orchestration.md). Blocks and
-    runs the scheduled and triggered flow runs; Ctrl+C or SIGTERM pauses the schedules and stops.
+    Needs a Prefect server: PREFECT_API_URL=http://127.0.0.1:4200/api (docs/orchestration.md).
+    Blocks, running the scheduled and triggered flow runs; Ctrl+C or SIGTERM pauses the schedules.
     """
 
     def body() -> None:
@@ -525,7 +525,7 @@ def deploy(
 
         serve_deployments(params, limit=limit)
 
-    run_guarded(body)
+    _edge_guard(body)  # the same error mapping, without a progress display over the serve process's log
 
 
 @app.command()
