@@ -1,9 +1,19 @@
-"""Edge runner figures: one decision (streaming features + every model + the strategy), the per-bar commit,
-and `cryptoml live` start time and peak RSS against the local stub exchange (target: <= 1 ms p99 decision,
-<= 150 MiB RSS).
+"""Edge runner figures: one decision (streaming features + every price model + the strategy and its orders),
+one opportunity-grid decision (detection + the three opportunity models + the rule scorer + paper picks),
+and `cryptoml live` with every model loaded: start time and peak RSS against the local stub exchange
+(targets: <= 1 ms p99 per decision, <= 150 MiB RSS).
 
-Models: the pipeline's bundles in ``models/`` (run ``make run`` first); the bars are the real BTC/USDT month
-of ../shared/data when present, else a seeded random walk.
+**What "one decision" is.** :meth:`cryptoml.edge.runner.Runner.decide_bar` on a bar already in memory:
+the 19 streaming technical features, ``price_lgbm`` and ``price_cnn_lstm`` (the Keras CNN+LSTM on its
+120-bar window), the strategy (:func:`~cryptoml.trading.strategy.decide`) and the paper broker's orders.
+Not in it: the bar fetch (network) and the per-bar SQLite commit (an fsync; reported apart as ms/bar of
+the whole run). The opportunity models run on the 5-minute snapshot grid only (one bar in five), which is
+what the scorer needs (snapshots exist every 5 minutes); that grid decision is measured apart. Each
+figure comes with its CPU-time twin (``time.thread_time``): on this shared 2-core machine wall-clock p99
+is mostly other processes' scheduling, CPU time is what the code costs.
+
+Models: the pipeline's bundles in ``models/`` (run ``make run`` first); the bars are the real BTC/USDT
+month of ../shared/data when present, else a seeded random walk.
 """
 
 from __future__ import annotations
@@ -16,13 +26,20 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
-MONTH = ROOT / ".." / "shared" / "data" / "binance_spot_btcusdt_1m_20230417-20230517.parquet"
+DATA = ROOT / ".." / "shared" / "data"
+MONTH = DATA / "binance_spot_btcusdt_1m_20230417-20230517.parquet"
+FUNDING = DATA / "funding_rates_binance_8h.csv"
+N_DECISIONS = 12_000
+WARMUP_BARS = 200  # features (60) and the Keras window (120) filled before timing starts
+SYMBOL = "BTC/USDT:USDT"
 
 
 def _bars(n: int) -> pd.DataFrame:
@@ -37,116 +54,234 @@ def _bars(n: int) -> pd.DataFrame:
                          "close": close, "volume": rng.uniform(1, 50, n)})  # fmt: skip
 
 
-def _pct(values: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(values), q))
+def _funding(bars: pd.DataFrame) -> pd.DataFrame:
+    """Real XRPUSDT settlement rates (shared data) re-stamped on the bars' 8-hour schedule, else 1 bp."""
+    rates = np.full(120, 1e-4)
+    if FUNDING.is_file():
+        raw = pd.read_csv(FUNDING)
+        rates = raw.loc[raw["symbol"] == "XRPUSDT", "funding_rate"].to_numpy()
+    first = int(bars["ts_ms"].iloc[0]) // 28_800_000 * 28_800_000 - 4 * 28_800_000
+    return pd.DataFrame({"ts_ms": first + 28_800_000 * np.arange(len(rates)) + 5, "funding_rate": rates})
 
 
-def decision_latency(bars: pd.DataFrame) -> dict[str, float]:
-    from cryptoml.config import StrategyParams
-    from cryptoml.edge.models import ModelSet
-    from cryptoml.edge.opportunities import LIVE_OPPORTUNITY_KEYS  # noqa: F401  (the runner's scorer inputs)
-    from cryptoml.export.bundle import load_bundle
+def _stats(wall_us: list[float], cpu_us: list[float]) -> dict[str, float]:
+    w, c = np.asarray(wall_us), np.asarray(cpu_us)
+    return {
+        "n": len(w), "p50_us": float(np.percentile(w, 50)), "p99_us": float(np.percentile(w, 99)),
+        "mean_us": float(w.mean()), "cpu_p50_us": float(np.percentile(c, 50)),
+        "cpu_p99_us": float(np.percentile(c, 99)),
+    }  # fmt: skip
+
+
+def _runner(tmp: Path, scorer: Any = None) -> Any:
+    from cryptoml.config import load_params
+    from cryptoml.edge.runner import ModelSource, Runner
+    from cryptoml.edge.state import StateStore
+
+    p = load_params(ROOT / "params.yaml")
+    store = StateStore(tmp / "bench.sqlite")
+    runner = Runner(
+        exchange=None, symbol=SYMBOL, store=store, models=ModelSource(MODELS, shadow=False), strategy=p.strategy,
+        broker_params=p.broker, live=p.live, clock_ms=lambda: 0, scorer=scorer,
+    )  # fmt: skip
+    runner.poll_models(force=True)
+    return runner, p
+
+
+def decision_latency(bars: pd.DataFrame) -> dict[str, Any]:
+    """Runner.decide_bar over N_DECISIONS bars, plus a per-step breakdown over the same bars."""
+    from cryptoml.edge.runner import CHAMPION, KERAS_MODEL, PRICE_MODEL
     from cryptoml.features.streaming import StreamingFeatures
     from cryptoml.trading.strategy import StrategyState, decide
 
-    price = load_bundle(MODELS / "price_lgbm")
-    keras = load_bundle(MODELS / "price_cnn_lstm")
-    models = ModelSet.load(MODELS)
-    opportunity = {
-        "ts_ms": int(bars["ts_ms"].iloc[-1]), "strategy": "spot_perp", "regime": "Ranging", "fund_apr": 12.0,
-        "fund_profit_8h": 0.011, "break_even_hours": 30.0, "funding_spread": 0.0001,
-        "funding_spread_avg_24h": 0.00009, "funding_spread_avg_3d": 0.00008, "spread_volatility_cv": 0.5,
-        "ret_vol_24h": 0.0008, "volume_24h": 5e8, "orderbook_depth_usd": 2e6, "bid_ask_spread_pct": 0.01,
-        "depth_is_proxy": 0.0, "next_funding_ts_ms": int(bars["ts_ms"].iloc[-1]) + 3_600_000,
-        "btc_ret_trailing": 0.01,
-    }  # fmt: skip
-    sf = StreamingFeatures()
-    params, state = StrategyParams(), StrategyState()
-    values = bars[["open", "high", "low", "close", "volume"]].to_numpy()
-    window = values[-120:]
-    times: list[float] = []
-    for i, (ts, row) in enumerate(zip(bars["ts_ms"].to_numpy(), values, strict=True)):
-        started = time.perf_counter()
-        feats = sf.update(int(ts), *row)
-        if feats is not None:
-            pred = float(price.predict(feats)[0])
-            keras.predict_raw(window[None, ...])
-            models.score_opportunity(opportunity)
+    rows = bars[["ts_ms", "open", "high", "low", "close", "volume"]].to_numpy()
+    with tempfile.TemporaryDirectory() as tmp:
+        runner, p = _runner(Path(tmp))
+        loaded = sorted(f"{n}/{s}" for n, s in runner.slots)
+        wall, cpu = [], []
+        for i, (ts, o, h, lo, c, v) in enumerate(rows[: N_DECISIONS + WARMUP_BARS]):
+            runner.clock_ms = lambda ts=ts: int(ts) + 60_000  # a fresh bar: the strategy may trade
+            w0, c0 = time.perf_counter_ns(), time.thread_time_ns()
+            runner.decide_bar(int(ts), o, h, lo, c, v)
+            w1, c1 = time.perf_counter_ns(), time.thread_time_ns()
+            if i >= WARMUP_BARS:
+                wall.append((w1 - w0) / 1e3)
+                cpu.append((c1 - c0) / 1e3)
+        fills = len(runner.broker.fills())
+        runner.store.close()
+        # Breakdown: the same steps one at a time (wall time, p50 / p99 in us).
+        lgbm = runner.slots[(PRICE_MODEL, CHAMPION)]
+        keras = runner.slots[(KERAS_MODEL, CHAMPION)].sequence
+        stream, state = StreamingFeatures(), StrategyState()
+        parts: dict[str, list[float]] = {"features": [], "price_lgbm": [], "price_cnn_lstm": [], "strategy": []}
+        window = np.ascontiguousarray(rows[:120, 1:6], dtype=np.float64)
+        for i, (ts, o, h, lo, c, v) in enumerate(rows[: N_DECISIONS + WARMUP_BARS]):
+            t0 = time.perf_counter_ns()
+            feats = stream.update(int(ts), o, h, lo, c, v)
+            t1 = time.perf_counter_ns()
+            pred = lgbm.predict(feats) if feats is not None else 0.0
+            t2 = time.perf_counter_ns()
+            keras(window)
+            t3 = time.perf_counter_ns()
             _, state = decide(
-                state, params, bar_ts_ms=int(ts), now_ms=int(ts) + 60_000, close=row[3], high=row[1], low=row[2],
+                state, p.strategy, bar_ts_ms=int(ts), now_ms=int(ts) + 60_000, close=c, high=h, low=lo,
                 predicted_return_bps=pred * 1e4, position_qty=0.0, entry_price=0.0, equity=10_000.0,
             )  # fmt: skip
-            if i > 200:
-                times.append((time.perf_counter() - started) * 1e6)
-    return {"bars": len(times), "p50_us": _pct(times, 50), "p99_us": _pct(times, 99), "mean_us": float(np.mean(times))}
+            t4 = time.perf_counter_ns()
+            if i >= WARMUP_BARS:
+                for k, dt in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+                    parts[k].append(dt / 1e3)
+    return {
+        **_stats(wall, cpu), "models": loaded, "fills": fills,
+        "breakdown_p50_us": {k: float(np.percentile(v, 50)) for k, v in parts.items()},
+        "breakdown_p99_us": {k: float(np.percentile(v, 99)) for k, v in parts.items()},
+    }  # fmt: skip
+
+
+def grid_latency(bars: pd.DataFrame) -> dict[str, Any]:
+    """OpportunityScorer.on_grid at each 5-minute grid time, the market fed in memory (no network)."""
+    from cryptoml.config import load_params
+    from cryptoml.edge.scorer import OpportunityScorer
+
+    p = load_params(ROOT / "params.yaml")
+    scorer = OpportunityScorer(
+        exchange="binanceusdm", perp_client=None, spot_client=None, bases=["BTC"], quote="USDT",
+        snapshot_params=p.snapshots, opportunity_params=p.opportunities, simulate_params=p.simulate,
+    )  # fmt: skip
+    market = scorer.market
+    rows = bars[["ts_ms", "open", "high", "low", "close", "volume"]].to_numpy()
+    settlements = [(int(t), float(r)) for t, r in _funding(bars).to_numpy()]
+    with tempfile.TemporaryDirectory() as tmp:
+        runner, _ = _runner(Path(tmp), scorer)
+        models = runner.opportunity_models()
+        runner.store.close()
+    wall, cpu, detected, opened = [], [], 0, 0
+    start = 3 * 1440  # three days of history first: the 3-day funding averages and the CV window
+    for i, (ts, o, h, lo, c, v) in enumerate(rows):
+        while settlements and settlements[0][0] <= int(ts) + 60_000:  # in time order, as the exchange publishes
+            market.add_funding(SYMBOL, *settlements.pop(0))
+        market.add_bar(SYMBOL, int(ts), o, h, lo, c, v)
+        market.add_bar("BTC/USDT", int(ts), o * 0.9998, h * 0.9998, lo * 0.9998, c * 0.9998, v)
+        close_ms = int(ts) + 60_000
+        if i < start or not scorer.on_grid_time(close_ms):
+            continue
+        w0, c0 = time.perf_counter_ns(), time.thread_time_ns()
+        result = scorer.on_grid(close_ms, models, stale=False)
+        w1, c1 = time.perf_counter_ns(), time.thread_time_ns()
+        wall.append((w1 - w0) / 1e3)
+        cpu.append((c1 - c0) / 1e3)
+        detected += int(result.metrics["opportunities_detected"])
+        opened += len(result.opened)
+    return {**_stats(wall, cpu), "opportunities": detected, "picks_opened": opened}
+
+
+def _serve(stub: Any, bars: pd.DataFrame) -> None:
+    from tests.support.stub_exchange import Book
+
+    stub.set_candles("BTCUSDT", bars)
+    spot = bars.copy()
+    spot[["open", "high", "low", "close"]] *= 0.9998
+    stub.set_spot_candles("BTCUSDT", spot)
+    stub.set_funding("BTCUSDT", _funding(bars))
+    stub.set_book("BTCUSDT", Book([(29_000.0, 50.0)], [(29_000.5, 50.0)], ts_ms=2**52))
+    stub.set_spot_book("BTCUSDT", Book([(29_000.0, 50.0)], [(29_000.5, 50.0)], ts_ms=0))
+
+
+def _peak_rss_kib(proc: subprocess.Popen[str]) -> dict[str, int]:
+    """VmHWM of the child's own address space, polled until it exits (ru_maxrss would count the parent's
+    pages before exec)."""
+    peak = {"kib": 0}
+
+    def watch() -> None:
+        status = Path(f"/proc/{proc.pid}/status")
+        while proc.poll() is None:
+            try:
+                for line in status.read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        peak["kib"] = max(peak["kib"], int(line.split()[1]))
+            except OSError:
+                break
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    proc.wait()
+    watcher.join()
+    return peak
 
 
 def runner_start_and_rss(bars: pd.DataFrame) -> dict[str, float]:
-    from tests.support.stub_exchange import StubExchange
+    """`cryptoml live` (default params but ``market.symbols``: every model, the opportunity scorer on) against
+    the stub, replaying 48 h of catch-up (``live.buffer_hours``) and 5 h more on an accelerated clock."""
+    from tests.support.stub_exchange import SPOT_EXCHANGE_INFO, StubExchange
 
-    with StubExchange() as stub, tempfile.TemporaryDirectory() as tmp:
-        stub.set_candles("BTCUSDT", bars)
-        start = int(bars["ts_ms"].iloc[600])
+    info = json.loads(SPOT_EXCHANGE_INFO.read_text()) if SPOT_EXCHANGE_INFO.is_file() else None
+    with StubExchange(spot_exchange_info=info) as stub, tempfile.TemporaryDirectory() as tmp:
+        _serve(stub, bars)
+        start = int(bars["ts_ms"].iloc[4 * 1440])
         iso = pd.Timestamp(start, unit="ms", tz="UTC").strftime("%Y-%m-%dT%H:%M")
         until = pd.Timestamp(start + 300 * 60_000, unit="ms", tz="UTC").strftime("%Y-%m-%dT%H:%M")
-        cmd = [sys.executable, "-m", "flows.cli", "live", "--paper", "--api-url", stub.url, "--exchange",
-               "binanceusdm", "--symbol", "BTC/USDT:USDT", "--state", f"{tmp}/state.sqlite", "--models", str(MODELS),
-               "--clock-start", iso, "--clock-speed", "1000000", "--until", until,
-               "--log-level", "WARNING"]  # fmt: skip
-        started = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
-                                stderr=subprocess.DEVNULL, text=True)  # fmt: skip
-        # VmHWM of the child's own address space (ru_maxrss would count the parent's pages before exec)
-        peak = {"kib": 0}
-
-        def watch() -> None:
-            status = Path(f"/proc/{proc.pid}/status")
-            while proc.poll() is None:
-                try:
-                    for line in status.read_text().splitlines():
-                        if line.startswith("VmHWM:"):
-                            peak["kib"] = max(peak["kib"], int(line.split()[1]))
-                except OSError:
-                    break
-                time.sleep(0.02)
-
-        watcher = threading.Thread(target=watch, daemon=True)
-        watcher.start()
-        stdout, _ = proc.communicate()
-        watcher.join()
-        status = proc.returncode
-        elapsed = time.perf_counter() - started
-        if status != 0:
-            raise RuntimeError(f"cryptoml live failed with status {status}")
-        peak_kib = peak["kib"]
-        summary = json.loads(stdout.strip().splitlines()[-1])
-        # start-up: the interpreter, imports and model loading (a run with --max-bars 0 would not start)
+        base = [sys.executable, "-m", "flows.cli", "live", "--paper", "--api-url", stub.url, "--exchange",
+                "binanceusdm", "--symbol", SYMBOL, "--models", str(MODELS), "--clock-start", iso,
+                "--clock-speed", "1000000", "--log-level", "WARNING"]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        # The stub serves BTC only: the scorer scans BTC (ETH and SOL would be empty series here).
+        params = yaml.safe_load((ROOT / "params.yaml").read_text())
+        params["market"]["symbols"] = [SYMBOL]
+        (Path(tmp) / "params.yaml").write_text(yaml.safe_dump(params))
+        base += ["--params", f"{tmp}/params.yaml"]
+        # Start-up: process start to the first committed bar (imports, five models, markets, 74 h of history).
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import flows.cli, cryptoml.edge.runner, cryptoml.edge.models, ccxt; "
-                        "from cryptoml.export.bundle import load_bundle; "
-                        f"[load_bundle(p) for p in __import__('pathlib').Path({str(MODELS)!r}).iterdir() "
-                        "if (p / 'model.onnx').is_file()]"], cwd=ROOT, check=True)  # fmt: skip
-        startup = time.perf_counter() - t0
+        subprocess.run([*base, "--state", f"{tmp}/first.sqlite", "--max-bars", "1"], cwd=ROOT, env=env,
+                       check=True, capture_output=True)  # fmt: skip
+        first_bar = time.perf_counter() - t0
+        started = time.perf_counter()
+        proc = subprocess.Popen([*base, "--state", f"{tmp}/state.sqlite", "--until", until], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        peak = _peak_rss_kib(proc)
+        elapsed = time.perf_counter() - started
+        stdout, stderr = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"cryptoml live failed with status {proc.returncode}: {stderr[-2000:]}")
+        summary = json.loads(stdout.strip().splitlines()[-1])
+        # Imports and model loading alone, as the runner loads them.
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import flows.cli, ccxt; from pathlib import Path; "
+                        "from cryptoml.edge.runner import ModelSource; "
+                        f"ModelSource(Path({str(MODELS)!r}), shadow=False).poll({{}})"],
+                       cwd=ROOT, env=env, check=True)  # fmt: skip
+        imports_and_models = time.perf_counter() - t0
     return {
         "bars_processed": summary["bars"],
         "run_seconds": elapsed,
         "per_bar_ms_including_commit": elapsed * 1000 / max(summary["bars"], 1),
-        "startup_seconds": startup,
-        "peak_rss_mib": peak_kib / 1024.0,
+        "startup_seconds": imports_and_models,
+        "first_bar_seconds": first_bar,
+        "peak_rss_mib": peak["kib"] / 1024.0,
     }
 
 
 def run() -> dict[str, object]:
-    if not (MODELS / "price_lgbm" / "model.onnx").is_file():
-        print("bench_edge: no models/price_lgbm bundle (run `make run` first); skipped")
+    if not all((MODELS / n / "model.onnx").is_file() for n in ("price_lgbm", "price_cnn_lstm", "opportunity_hold")):
+        print("bench_edge: the models/ bundles are missing (run `make run` first); skipped")
         return {"skipped": "no models/ bundles"}
-    bars = _bars(3000)
+    bars = _bars(N_DECISIONS + WARMUP_BARS + 1)
     decision = decision_latency(bars)
-    print(f"one decision (features + price_lgbm + Keras + opportunity models + strategy): "
-          f"p50 {decision['p50_us']:.0f} us, p99 {decision['p99_us']:.0f} us over {decision['bars']} bars")  # fmt: skip
+    print(f"one decision ({', '.join(decision['models'])} + strategy + orders), {decision['n']} bars: "
+          f"p50 {decision['p50_us']:.0f} us, p99 {decision['p99_us']:.0f} us wall; "
+          f"CPU p50 {decision['cpu_p50_us']:.0f} us, p99 {decision['cpu_p99_us']:.0f} us")  # fmt: skip
+    print("  breakdown p50/p99 us: " + ", ".join(
+        f"{k} {decision['breakdown_p50_us'][k]:.0f}/{decision['breakdown_p99_us'][k]:.0f}"
+        for k in decision["breakdown_p50_us"]))  # fmt: skip
+    grid = grid_latency(bars)
+    print(f"one grid decision (detection + 3 opportunity models + rule + picks), {grid['n']} grid times: "
+          f"p50 {grid['p50_us']:.0f} us, p99 {grid['p99_us']:.0f} us wall; "
+          f"CPU p50 {grid['cpu_p50_us']:.0f} us, p99 {grid['cpu_p99_us']:.0f} us "
+          f"({grid['opportunities']} opportunities, {grid['picks_opened']} picks)")  # fmt: skip
     live = runner_start_and_rss(bars)
-    print(f"cryptoml live: start-up (imports + all bundles) {live['startup_seconds']:.2f} s, "
+    print(f"cryptoml live (all models, scorer on): imports + models {live['startup_seconds']:.2f} s, "
+          f"first committed bar after {live['first_bar_seconds']:.1f} s, "
           f"{live['bars_processed']} bars in {live['run_seconds']:.1f} s "
-          f"({live['per_bar_ms_including_commit']:.1f} ms/bar with the SQLite commit), "
+          f"({live['per_bar_ms_including_commit']:.1f} ms/bar with fetches, scorer and the SQLite commit), "
           f"peak RSS {live['peak_rss_mib']:.0f} MiB")  # fmt: skip
-    return {"decision": decision, "live": live}
+    return {"decision": decision, "grid": grid, "live": live}

@@ -421,6 +421,7 @@ class LiveParams:
     retry_base_seconds: float = 1.0  # reconnect backoff: base * 2^attempt, capped, with jitter
     retry_max_seconds: float = 60.0
     opportunity_scoring: bool = True  # also score funding-arbitrage opportunities from live funding and prices
+    trade_model: str = "price_lgbm"  # the price model whose forecast the strategy trades (price_lgbm | price_cnn_lstm)
     api_host: str = "127.0.0.1"
     api_port: int = 8080
     api_max_batch: int = 256
@@ -434,6 +435,8 @@ class LiveParams:
         for name in ("model_poll_seconds", "poll_seconds", "retry_base_seconds", "retry_max_seconds"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"live.{name} must be > 0, got {getattr(self, name)}")
+        if self.trade_model not in ("price_lgbm", "price_cnn_lstm"):
+            raise ConfigError(f"live.trade_model must be 'price_lgbm' or 'price_cnn_lstm', got {self.trade_model!r}")
         if not 0 < self.api_port < 65536 or self.api_max_batch <= 0:
             raise ConfigError("live.api_port must be in 1..65535 and live.api_max_batch > 0")
 

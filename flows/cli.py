@@ -606,7 +606,7 @@ def live(
     def body() -> dict[str, Any]:
         import time as _time
 
-        from cryptoml.edge.runner import PRICE_MODEL, ModelSource, Runner, check_symbol, register_lean_ccxt
+        from cryptoml.edge.runner import ModelSource, Runner, check_symbol, register_lean_ccxt
 
         register_lean_ccxt()  # before anything imports ccxt: ~35 MiB less (the edge's budget is 150 MiB)
         from cryptoml.config import load_params, parse_utc_ms, replace_section
@@ -644,7 +644,7 @@ def live(
                     models=ModelSource(Path(p.live.models_dir), p.live.registry_url, p.live.shadow),
                     strategy=p.strategy, broker_params=p.broker, live=p.live, clock_ms=clock,
                     sleep=(lambda s: _time.sleep(s / clock_speed)) if clock_start else _time.sleep,
-                    start_ms=start_ms, trade_model=str(trade_model or getattr(p.live, "trade_model", PRICE_MODEL)),
+                    start_ms=start_ms, trade_model=trade_model or p.live.trade_model,
                     scorer=_live_scorer(p, client, sym, api_url) if p.live.opportunity_scoring else None,
                     broker=broker, bar_feed=feed, model_options=_model_options(p),
                 )  # fmt: skip

@@ -64,12 +64,15 @@ __all__ = [
     "BAR_COLUMNS",
     "EXPECTED",
     "HOLD_MODEL",
+    "OPPORTUNITY_MODELS",
     "PRICE_LGBM",
     "PROFIT_MODEL",
     "SUCCESS_MODEL",
     "ModelSet",
+    "SequencePredictor",
     "SkippedBundle",
     "bundle_version",
+    "check_edge_bundle",
     "registry_version",
 ]
 
@@ -79,6 +82,7 @@ PROFIT_MODEL = "opportunity_profit"
 SUCCESS_MODEL = "opportunity_success"
 HOLD_MODEL = "opportunity_hold"
 PRICE_LGBM = "price_lgbm"
+OPPORTUNITY_MODELS = (PROFIT_MODEL, SUCCESS_MODEL, HOLD_MODEL)
 NOT_TRAINED_FILE = "NOT_TRAINED.json"  # left by the export instead of a bundle when a variant was not trained
 
 # Known bundle names -> (kind, ordered features this code computes for it).
@@ -152,6 +156,58 @@ def _dry_run(bundle: Bundle) -> None:
         raise ModelContractError(f"bundle {bundle.path}: a trial prediction failed: {e}") from e
     if not np.isfinite(out).all():
         raise ModelContractError(f"bundle {bundle.path}: a trial prediction is not finite ({out.ravel()[:3]})")
+
+
+def check_edge_bundle(bundle: Bundle) -> None:
+    """The checks :meth:`ModelSet.load` applies to a known bundle, for callers loading one at a time (the
+    runner's hot swap): a known name, its kind and ordered features, a Keras scaler / the hold classes,
+    and one finite trial prediction. Raises ModelContractError naming what is wrong."""
+    if bundle.name not in EXPECTED:
+        raise ModelContractError(
+            f"bundle {bundle.path}: {bundle.name!r} is not a model the edge knows ({sorted(EXPECTED)})"
+        )
+    check_features(bundle.feature_names, EXPECTED[bundle.name][1], f"bundle {bundle.path}")
+    _check_known(bundle)
+    _dry_run(bundle)
+
+
+class SequencePredictor:
+    """:meth:`Bundle.predict_raw` of one window for a Keras sequence bundle, without per-call allocations.
+
+    The edge runner calls it on every bar: the scaling (``(x - min) / span`` in float64, then float32, as
+    ``predict_raw``) writes into buffers made once, and the session is run directly, so the answer is
+    bit-identical to ``float(bundle.predict_raw(window[None])[0])`` at a fraction of the Python overhead.
+    ``window``: ``(steps, channels)`` float64 raw values, oldest bar first; returns the target in its units.
+    """
+
+    def __init__(self, bundle: Bundle) -> None:
+        _check_known(bundle)  # a sequence model with its scaler
+        meta = bundle.meta
+        scaler = meta["scaler"]
+        lo = np.asarray(scaler["feature_min"], dtype=np.float64)
+        span = np.asarray(scaler["feature_max"], dtype=np.float64) - lo
+        self.steps = int(meta["input_shape"][1])
+        self.channels = len(bundle.feature_names)
+        if lo.shape != (self.channels,) or scaler.get("kind") != "minmax":
+            raise ModelContractError(f"model {bundle.name}: scaler is not a minmax over its {self.channels} inputs")
+        self._lo, self._span = lo, np.where(span > 0, span, 1.0)
+        target = scaler["target"]
+        self._mean, self._std = float(target["mean"]), float(target["std"])
+        self._x64 = np.empty((self.steps, self.channels), dtype=np.float64)
+        self._x32 = np.empty((1, self.steps, self.channels), dtype=np.float32)
+        self._run = bundle.session.run
+        self._outputs = [meta["prediction"]["output"]]
+        self._feed = {meta["input_name"]: self._x32}
+        self.bundle = bundle
+
+    def __call__(self, window: np.ndarray) -> float:
+        if window.shape != self._x64.shape:
+            raise ModelContractError(f"model {self.bundle.name}: window {window.shape} is not {self._x64.shape}")
+        np.subtract(window, self._lo, out=self._x64)
+        np.divide(self._x64, self._span, out=self._x64)
+        self._x32[0] = self._x64  # float64 -> float32, as predict_raw's astype
+        out = self._run(self._outputs, self._feed)[0]
+        return float(out.reshape(-1)[0]) * self._std + self._mean
 
 
 def _sizing(meta: Mapping[str, Any]) -> tuple[float, float] | None:

@@ -39,6 +39,8 @@ the newest item held is at most about 1 h past now.
 
 :func:`rule_score` is the rule scorer of the training comparison (rank by ``fund_apr``, then lower
 ``break_even_hours``) turned into a decision; :func:`fetch_into` fills a :class:`LiveMarket` with ccxt.
+:func:`open_paper_position` / :func:`advance_paper_position` follow a pick on paper with the simulator's
+cost model (:mod:`cryptoml.simulate.reference`), so the runner can record what each scorer's picks earned.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ from cryptoml.simulate.entry import (
     funding_yields,
     leg_round_trip_cost,
 )
+from cryptoml.simulate.slippage import fee_frac, slippage_frac_one
 
 if TYPE_CHECKING:
     import ccxt
@@ -72,9 +75,11 @@ if TYPE_CHECKING:
 __all__ = [
     "LIVE_OPPORTUNITY_KEYS",
     "LiveMarket",
+    "advance_paper_position",
     "detect_live",
     "fetch_into",
     "live_snapshots",
+    "open_paper_position",
     "rule_rank",
     "rule_score",
 ]
@@ -147,12 +152,17 @@ def _float(value: Any, what: str) -> float:
 
 
 class _Bars:
-    """Candles of one series by bar open time (one per time, the last added wins), oldest first."""
+    """Candles of one series by bar open time (one per time, the last added wins), oldest first.
+
+    The numpy view of the closes is kept in step incrementally: a bar appended at the end (the live case)
+    converts only the new tail, not the 74 h of Python lists again.
+    """
 
     def __init__(self) -> None:
         self.ts: list[int] = []
         self.cols: tuple[list[float], ...] = ([], [], [], [], [])  # open, high, low, close, volume
-        self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._arrays: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None  # open ts, close, volume
+        self._valid = 0  # leading rows of _arrays that still equal the lists
 
     def add(self, ts: int, values: tuple[float, float, float, float, float], retention_ms: int) -> None:
         if not self.ts or ts > self.ts[-1]:
@@ -168,22 +178,30 @@ class _Bars:
                 self.ts.insert(i, ts)
                 for col, v in zip(self.cols, values, strict=True):
                     col.insert(i, v)
-        self._arrays = None
+            self._valid = min(self._valid, i)
         cut = bisect.bisect_left(self.ts, self.ts[-1] - retention_ms)
         if cut >= PRUNE_SLACK:
             del self.ts[:cut]
             for col in self.cols:
                 del col[:cut]
+            if self._arrays is not None:
+                self._arrays = tuple(a[cut:] for a in self._arrays)  # type: ignore[assignment]
+            self._valid = max(self._valid - cut, 0)
 
     def view(self, now_ms: int, bar_ms: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(close times, close, volume) of the bars closed by now_ms with a finite positive close."""
-        if self._arrays is None:
-            self._arrays = (
-                np.asarray(self.ts, dtype=np.int64) + bar_ms,
-                np.asarray(self.cols[3], dtype=np.float64),
-                np.nan_to_num(np.asarray(self.cols[4], dtype=np.float64), nan=0.0),
+        n, k = len(self.ts), self._valid
+        if self._arrays is None or k < n:
+            tail = (
+                np.asarray(self.ts[k:], dtype=np.int64),
+                np.asarray(self.cols[3][k:], dtype=np.float64),
+                np.nan_to_num(np.asarray(self.cols[4][k:], dtype=np.float64), nan=0.0),
             )
-        close_ts, close, volume = self._arrays
+            head = self._arrays if self._arrays is not None else tuple(a[:0] for a in tail)
+            self._arrays = tuple(np.concatenate([h[:k], t]) for h, t in zip(head, tail, strict=True))  # type: ignore[assignment]
+            self._valid = n
+        open_ts, close, volume = self._arrays  # type: ignore[misc]
+        close_ts = open_ts + bar_ms
         hi = int(np.searchsorted(close_ts, now_ms, side="right"))
         ok = np.isfinite(close[:hi]) & (close[:hi] > 0)
         return close_ts[:hi][ok], close[:hi][ok], volume[:hi][ok]
@@ -391,6 +409,16 @@ class LiveMarket:
             return None
         view = bars.view(now_ms, self.bar_ms)
         return view if len(view[0]) else None
+
+
+def _settlement_pending(market: LiveMarket, key: SeriesKey, now_ms: int) -> bool:
+    """True when the series' next settlement (newest held + its interval) is still after ``now_ms``: there
+    is nothing new to ask the exchange for. Needs two settlements held to know the interval."""
+    funding = market._funding.get(key)
+    if funding is None or len(funding.ts) < 2:
+        return False
+    interval = _funding_interval_ms(np.asarray(funding.ts, dtype=np.int64))
+    return now_ms < funding.ts[-1] + interval
 
 
 # --- per-series statistics at now (the batch formulas for one snapshot time) ---------------------------
@@ -776,6 +804,139 @@ def detect_live(
     return sorted(kept, key=lambda o: o["opportunity_id"])
 
 
+# --- following a pick on paper ---------------------------------------------------------------------------
+
+
+def _leg_at(
+    market: LiveMarket, exchange: str, symbol: str, t_ms: int, p: SnapshotParams, sim: SimulateParams
+) -> tuple[float, float] | None:
+    """(close, slippage fraction) of a leg at ``t_ms``: the close of its last bar closed by then (at most
+    MAX_BAR_AGE_MINUTES old) and the slippage of a ``position_usd`` fill on the liquidity the snapshot at
+    t_ms sees (fresh book, else the proxy); None when there is no such bar (a data gap)."""
+    view = market._bar_view((exchange, symbol), t_ms)
+    if view is None:
+        return None
+    stats = _bar_stats(view, t_ms, market.bar_ms)
+    if not stats.fresh:
+        return None
+    spread_pct, depth_usd, _ = _liquidity(market, (exchange, symbol), stats, t_ms, p)
+    return stats.price, slippage_frac_one(spread_pct, depth_usd, sim.position_usd, sim)
+
+
+def open_paper_position(
+    market: LiveMarket,
+    opportunity: Mapping[str, Any],
+    hold_hours: float,
+    snapshot_params: SnapshotParams,
+    simulate_params: SimulateParams,
+) -> dict[str, Any] | None:
+    """A JSON-safe paper position entering ``opportunity`` at its ``ts_ms`` for ``hold_hours``; None when a
+    leg has no fresh bar at entry (the simulator drops such an entry too).
+
+    As :func:`cryptoml.simulate.reference.simulate_one`: each leg trades ``simulate_params.position_usd``
+    at its close, quantity fixed at entry (``qty = position_usd / close``), the long leg buying at close x
+    (1 + s) and the short leg selling at close x (1 - s), s the slippage model on the snapshot liquidity.
+    """
+    entry = _int_ms(opportunity["ts_ms"], "opportunity ts_ms")
+    if not (math.isfinite(hold_hours) and hold_hours > 0):
+        raise DataValidationError(f"open_paper_position: hold_hours must be > 0, got {hold_hours!r}")
+    legs = []
+    for side, prefix in ((1, "long"), (-1, "short")):
+        exchange, symbol = str(opportunity[f"{prefix}_exchange"]), str(opportunity[f"{prefix}_symbol"])
+        at = _leg_at(market, exchange, symbol, entry, snapshot_params, simulate_params)
+        if at is None:
+            return None
+        close, slip = at
+        legs.append(
+            {
+                "side": side, "exchange": exchange, "symbol": symbol, "perp": ":" in symbol,
+                "fee": fee_frac(exchange, simulate_params), "p0": close, "s0": slip,
+                "qty": simulate_params.position_usd / close, "funding_usd": 0.0, "settlements": 0,
+            }
+        )  # fmt: skip
+    return {
+        "opportunity_id": str(opportunity["opportunity_id"]),
+        "entry_ts_ms": entry,
+        "exit_ts_ms": entry + round(hold_hours * HOUR_MS),
+        "hold_hours": float(hold_hours),
+        "position_usd": float(simulate_params.position_usd),
+        "funding_counted_to_ms": entry,
+        "legs": legs,
+    }
+
+
+def advance_paper_position(
+    market: LiveMarket,
+    position: Mapping[str, Any],
+    now_ms: int,
+    snapshot_params: SnapshotParams,
+    simulate_params: SimulateParams,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Bring a paper position to ``now_ms``: ``(position, outcome)``, outcome None while the hold runs.
+
+    Funding: every settlement of a perp leg in (entry, exit] (one exactly at entry is not received, one
+    exactly at exit is) pays ``rate x qty x mark`` to the short side, the mark being the perp's close at
+    or before the settlement (the LiveMarket keeps no mark prices; the batch uses the stored mark when it
+    has one). Settlements are counted as they become known, so a hold longer than the funding retention
+    is still paid in full; one that the exchange publishes only after the hold ended is missed. At
+    ``now_ms >= exit`` the legs unwind at their closes at exit with the exit slippage, four taker fees
+    are paid, and the outcome is ``{"status": "closed", "realised_profit_pct", "realised_profit_usd",
+    "funding_usd", "fees_usd", "slippage_pct", "funding_payments_count", "exit": {...}}`` (percent of one
+    leg's notional, USD), or ``{"status": "dropped", "reason"}`` when a leg has no fresh bar at exit.
+    """
+    now = _int_ms(now_ms, "now_ms")
+    entry, exit_ = int(position["entry_ts_ms"]), int(position["exit_ts_ms"])
+    counted = int(position["funding_counted_to_ms"])
+    until = min(now, exit_)
+    legs = [dict(leg) for leg in position["legs"]]
+    if until > counted:
+        for leg in legs:
+            funding = market._funding.get((leg["exchange"], leg["symbol"])) if leg["perp"] else None
+            if funding is None:
+                continue
+            f_ts, f_rate = funding.view(until)
+            for t, rate in zip(f_ts.tolist(), f_rate.tolist(), strict=True):
+                if max(counted, entry) < t <= until:
+                    mark = _close_at(market, leg["exchange"], leg["symbol"], t)
+                    leg["funding_usd"] += -leg["side"] * rate * leg["qty"] * (mark if mark is not None else leg["p0"])
+                    leg["settlements"] += 1
+    out = {**position, "legs": legs, "funding_counted_to_ms": max(counted, until)}
+    if now < exit_:
+        return out, None
+    fees = slippage = price_pnl = 0.0
+    exit_prices = []
+    for leg in legs:
+        at = _leg_at(market, leg["exchange"], leg["symbol"], exit_, snapshot_params, simulate_params)
+        if at is None:
+            reason = f"no {leg['symbol']} bar at most {MAX_BAR_AGE_MINUTES} min old at the exit {exit_}"
+            return out, {"status": "dropped", "reason": reason}
+        p1, s1 = at
+        fill0 = leg["p0"] * (1 + leg["side"] * leg["s0"])  # a buy pays above the close, a sell gets below
+        fill1 = p1 * (1 - leg["side"] * s1)
+        price_pnl += leg["side"] * leg["qty"] * (fill1 - fill0)
+        fees += leg["fee"] * leg["qty"] * (fill0 + fill1)
+        slippage += leg["qty"] * (leg["p0"] * leg["s0"] + p1 * s1)
+        exit_prices.append({"symbol": leg["symbol"], "close": p1, "slippage": s1})
+    funding_usd = sum(leg["funding_usd"] for leg in legs)
+    profit = price_pnl - fees + funding_usd
+    pos = float(position["position_usd"])
+    return out, {
+        "status": "closed",
+        "realised_profit_pct": profit / pos * 100.0,
+        "realised_profit_usd": profit,
+        "funding_usd": funding_usd,
+        "fees_usd": fees,
+        "slippage_pct": slippage / pos * 100.0,
+        "funding_payments_count": max((leg["settlements"] for leg in legs), default=0),
+        "exit": exit_prices,
+    }
+
+
+def _close_at(market: LiveMarket, exchange: str, symbol: str, t_ms: int) -> float | None:
+    view = market._bar_view((exchange, symbol), t_ms)
+    return None if view is None else float(view[1][-1])
+
+
 # --- the rule scorer -----------------------------------------------------------------------------------
 
 RULE_SCORER = "rule"
@@ -855,6 +1016,7 @@ def fetch_into(
     exchange: str | None = None,
     timeframe: str = "1m",
     book_levels: int = BOOK_FETCH_LEVELS,
+    books: bool = True,
 ) -> dict[str, dict[str, int]]:
     """Fetch what ``market`` lacks for ``symbols`` at ``now_ms`` from one ccxt client and feed it.
 
@@ -862,8 +1024,10 @@ def fetch_into(
     ``bar_retention_ms`` back on the first call; the bar still open at now_ms is not stored), for perps
     (``':'`` in the symbol) the settled funding (``fetch_funding_rate_history`` from the newest held, or
     ``funding_retention_ms`` back: the settled rates are what the snapshots use, not the predicted next
-    rate), and the order book (``fetch_order_book``, ``book_levels`` per side; its exchange time is
-    clamped to now_ms, since it was taken during this call). Data is stored under ``exchange`` (default
+    rate; not asked while the next settlement on the held schedule is still ahead of now_ms), and the
+    order book (``fetch_order_book``, ``book_levels`` per side; its exchange time is clamped to now_ms,
+    since it was taken during this call; ``books=False`` skips it, e.g. when now_ms is long past and a
+    book read now would stand for a moment it never saw). Data is stored under ``exchange`` (default
     the client's id). ccxt ``NetworkError`` propagates for the caller's retry; any other ccxt error
     becomes :class:`SourceError` naming the call. Returns per symbol the bars, settlements and books fed.
     """
@@ -892,14 +1056,17 @@ def fetch_into(
         for _ in range(MAX_PAGES):
             if since + market.bar_ms > now:  # the next bar has not closed yet
                 break
-            rows = call("fetch_ohlcv", symbol, exchange_client.fetch_ohlcv, symbol, timeframe, since, OHLCV_PAGE_LIMIT)
+            # Ask only for the bars that can have closed: a few after the first call, which keeps the answer
+            # small and the request weight low (exchanges weigh a candle request by its limit).
+            limit = min(OHLCV_PAGE_LIMIT, (now - since) // market.bar_ms)
+            rows = call("fetch_ohlcv", symbol, exchange_client.fetch_ohlcv, symbol, timeframe, since, limit)
             rows = [r for r in rows or [] if r and r[0] is not None and int(r[0]) >= since]
             closed = [r for r in rows if int(r[0]) + market.bar_ms <= now]
             counts["bars"] += market.add_bars(symbol, closed, exchange=label)
             if not closed:
                 break
             since = int(closed[-1][0]) + market.bar_ms
-        if ":" in symbol:
+        if ":" in symbol and not _settlement_pending(market, (label, symbol), now):
             newest = market.last_funding_ts_ms(symbol, exchange=label)
             cursor = newest + 1 if newest is not None else now - market.funding_retention_ms
             for _ in range(MAX_PAGES):
@@ -917,11 +1084,12 @@ def fetch_into(
                 if not known or len(known) < len(new) or len(rows or []) < FUNDING_PAGE_LIMIT:
                     break
                 cursor = max(int(r["timestamp"]) for r in known) + 1
-        book = call("fetch_order_book", symbol, exchange_client.fetch_order_book, symbol, book_levels)
-        book_ts = book.get("timestamp")
-        ts = min(int(book_ts), now) if book_ts is not None else now
-        counts["books"] += int(
-            market.set_book(symbol, ts, book.get("bids") or [], book.get("asks") or [], exchange=label)
-        )
+        if books:
+            book = call("fetch_order_book", symbol, exchange_client.fetch_order_book, symbol, book_levels)
+            book_ts = book.get("timestamp")
+            ts = min(int(book_ts), now) if book_ts is not None else now
+            counts["books"] += int(
+                market.set_book(symbol, ts, book.get("bids") or [], book.get("asks") or [], exchange=label)
+            )
         summary[symbol] = counts
     return summary

@@ -34,6 +34,11 @@ refused (the snapshot table is a time series).
   features and the prediction; ``realised_return`` (the label, same units as the prediction) is filled in
   once the label's horizon has passed.
 - ``feature_sets``: each distinct ordered feature-name list once; predictions point at it.
+- ``arbitrage_positions`` (schema 2): the funding-arbitrage picks each opportunity scorer (``ml`` = the
+  ONNX models, ``rule`` = the rule scorer) follows on paper: inserted open with the bar that opened it
+  (entry, hold, the scorer's predictions), closed by the bar at which its hold ended with the realised
+  outcome (profit in percent of one leg's notional and in USD, funding, fees, slippage: the simulator's
+  cost model). :meth:`StateStore.scorer_comparison` compares the two scorers from it.
 
 Features are stored as a **BLOB of little-endian float64** plus a reference to the feature-name list,
 not as JSON: the drift check reads months of rows back into an ``(n, f)`` matrix, which is one
@@ -58,14 +63,18 @@ memory: keep the file on a local disk, not a network share (where WAL cannot be 
 
 **Opening** never recreates or overwrites: a file that is not SQLite, an SQLite file of another program,
 a newer schema (or an older one without a migration) raises :class:`~cryptoml.errors.DataValidationError`
-naming the file. A missing or empty (0-byte) file is created. Bad input (NaN or inf where a number is
-required, an unknown slot, action, side or order kind) raises ``DataValidationError`` naming the field.
+naming the file. A missing or empty (0-byte) file is created. An older schema with a migration
+(:data:`MIGRATIONS`: 1 -> 2 adds ``arbitrage_positions``) is migrated in one transaction when opened for
+writing, and logged; opened read-only it is read as it is, and the reads that need a newer table say
+so. Bad input (NaN or inf where a number is required, an unknown slot, action, side or order kind)
+raises ``DataValidationError`` naming the field.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import sqlite3
 import threading
@@ -80,8 +89,10 @@ import numpy as np
 
 from cryptoml.errors import ConfigError, CryptoMLError, DataValidationError, TemporaryError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x43524D4C  # "CRML": marks an SQLite file as a cryptoml state database
+
+log = logging.getLogger(__name__)
 
 SLOTS = ("champion", "shadow")
 ACTIONS = (
@@ -96,7 +107,24 @@ ACTIONS = (
 )
 SIDES = ("buy", "sell")
 ORDER_KINDS = ("market", "limit", "stop_loss", "take_profit")
+SCORERS = ("ml", "rule")  # opportunity scorers whose picks are followed on paper
+ARBITRAGE_END_STATUSES = ("closed", "dropped")  # dropped: no price at exit (a data gap), like the simulator
 
+_ARBITRAGE_SCHEMA = (
+    """CREATE TABLE arbitrage_positions (
+        position_id TEXT PRIMARY KEY,
+        scorer TEXT NOT NULL CHECK (scorer IN ('ml', 'rule')),
+        opportunity_id TEXT NOT NULL,
+        opened_bar_ts_ms INTEGER NOT NULL REFERENCES portfolio_state(bar_ts_ms),
+        entry_ts_ms INTEGER NOT NULL, exit_ts_ms INTEGER NOT NULL, hold_hours REAL NOT NULL,
+        position_usd REAL NOT NULL, score REAL, predicted_profit_pct REAL, success_probability REAL,
+        kelly_fraction REAL, model_version TEXT, entry_details TEXT NOT NULL,
+        status TEXT NOT NULL DEFAULT 'open' CHECK (status IN ('open', 'closed', 'dropped')),
+        closed_bar_ts_ms INTEGER REFERENCES portfolio_state(bar_ts_ms),
+        realised_profit_pct REAL, realised_profit_usd REAL, funding_usd REAL, fees_usd REAL, slippage_pct REAL,
+        outcome_details TEXT)""",
+    "CREATE INDEX arbitrage_scorer ON arbitrage_positions(scorer, status, entry_ts_ms)",
+)
 _SCHEMA = (
     """CREATE TABLE portfolio_state (
         bar_ts_ms INTEGER PRIMARY KEY,
@@ -132,8 +160,16 @@ _SCHEMA = (
         features BLOB NOT NULL, prediction REAL NOT NULL, realised_return REAL,
         UNIQUE (bar_ts_ms, symbol, model_name, slot))""",
     "CREATE INDEX predictions_model ON predictions(model_name, slot, bar_ts_ms)",
+    *_ARBITRAGE_SCHEMA,
 )
-TABLES = ("portfolio_state", "trade_history", "trade_decisions", "performance_metrics", "feature_sets", "predictions")
+TABLES = (
+    "portfolio_state", "trade_history", "trade_decisions", "performance_metrics", "feature_sets", "predictions",
+    "arbitrage_positions",
+)  # fmt: skip
+# Tables each schema version has (a read-only opener accepts an older file holding its version's tables).
+TABLES_OF_VERSION = {1: TABLES[:6], 2: TABLES}
+# version -> statements that migrate a file of that version to the next one (run in one transaction).
+MIGRATIONS: dict[int, tuple[str, ...]] = {1: _ARBITRAGE_SCHEMA}
 
 
 # --------------------------------------------------------------------------------------------- records
@@ -215,9 +251,49 @@ class RealisedReturn:
 
 
 @dataclass(frozen=True)
+class ArbitrageEntry:
+    """A funding-arbitrage pick a scorer (``ml`` | ``rule``) opened on paper at ``entry_ts_ms`` (UTC ms, a
+    snapshot time), to unwind at ``exit_ts_ms`` = entry + ``hold_hours``. ``position_usd``: notional of each
+    leg; ``score``: the scorer's ranking value (composite score, % per sqrt(day), for ``ml``; ``fund_apr``
+    in % per year for ``rule``); the ``ml`` predictions (profit in % of one leg's notional, P(profit),
+    Kelly fraction of capital) are None for ``rule``. ``details``: legs, entry prices and slippage."""
+
+    position_id: str
+    scorer: str
+    opportunity_id: str
+    entry_ts_ms: int
+    exit_ts_ms: int
+    hold_hours: float
+    position_usd: float
+    score: float | None = None
+    predicted_profit_pct: float | None = None
+    success_probability: float | None = None
+    kelly_fraction: float | None = None
+    model_version: str | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ArbitrageOutcome:
+    """The end of a paper pick: ``status`` ``closed`` (with the realised profit in % of one leg's notional
+    and in USD, funding received in USD, fees in USD, slippage in % of notional) or ``dropped`` (no price
+    to unwind at: the outcome numbers are None)."""
+
+    position_id: str
+    status: str
+    realised_profit_pct: float | None = None
+    realised_profit_usd: float | None = None
+    funding_usd: float | None = None
+    fees_usd: float | None = None
+    slippage_pct: float | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class BarRecord:
     """Everything one processed bar produced; :meth:`StateStore.commit_bar` writes it atomically.
-    ``metrics`` are stamped with ``bar_ts_ms``; ``realised_returns`` label earlier bars' predictions."""
+    ``metrics`` are stamped with ``bar_ts_ms``; ``realised_returns`` label earlier bars' predictions;
+    ``arbitrage_opened`` / ``arbitrage_closed`` are the paper picks this bar opened / ended."""
 
     bar_ts_ms: int
     portfolio: PortfolioSnapshot
@@ -226,6 +302,8 @@ class BarRecord:
     fills: Sequence[Fill] = ()
     metrics: Mapping[str, float] = field(default_factory=dict)
     realised_returns: Sequence[RealisedReturn] = ()
+    arbitrage_opened: Sequence[ArbitrageEntry] = ()
+    arbitrage_closed: Sequence[ArbitrageOutcome] = ()
 
 
 class StoredPortfolio(NamedTuple):
@@ -251,13 +329,37 @@ class PredictionMatrix(NamedTuple):
 
 
 class BarRows(NamedTuple):
-    """Row counts stored for one bar (``metrics`` counts every metric stamped with that time)."""
+    """Row counts stored for one bar (``metrics`` counts every metric stamped with that time;
+    ``arbitrage`` the paper picks the bar opened)."""
 
     portfolio: int
     decisions: int
     predictions: int
     fills: int
     metrics: int
+    arbitrage: int = 0
+
+
+class StoredArbitrage(NamedTuple):
+    opened_bar_ts_ms: int
+    entry: ArbitrageEntry
+    status: str  # open | closed | dropped
+    closed_bar_ts_ms: int | None
+    outcome: ArbitrageOutcome | None
+
+
+class ScorerSummary(NamedTuple):
+    """One scorer's paper picks: counts by status and, over the closed ones, the mean realised profit (%
+    of one leg's notional), the share that made money, the USD total and the mean predicted profit (ml)."""
+
+    opened: int
+    open: int
+    closed: int
+    dropped: int
+    mean_profit_pct: float | None
+    win_rate: float | None
+    total_profit_usd: float
+    mean_predicted_profit_pct: float | None
 
 
 # ------------------------------------------------------------------------------------------ validation
@@ -305,12 +407,41 @@ _REALISED_FIELDS: dict[str, Any] = {
     "model_name": "text",
     "realised_return": "number",
 }
+_ARBITRAGE_ENTRY_FIELDS: dict[str, Any] = {
+    "position_id": "text",
+    "scorer": SCORERS,
+    "opportunity_id": "text",
+    "entry_ts_ms": "ts",
+    "exit_ts_ms": "ts",
+    "hold_hours": "positive",
+    "position_usd": "positive",
+    "score": "number?",
+    "predicted_profit_pct": "number?",
+    "success_probability": "number?",
+    "kelly_fraction": "number?",
+    "model_version": "text?",
+    "details": "json",
+}
+_ARBITRAGE_OUTCOME_FIELDS: dict[str, Any] = {
+    "position_id": "text",
+    "status": ARBITRAGE_END_STATUSES,
+    "realised_profit_pct": "number?",
+    "realised_profit_usd": "number?",
+    "funding_usd": "number?",
+    "fees_usd": "number?",
+    "slippage_pct": "number?",
+    "details": "json",
+}
 
 # Column lists (no surrogate ids, no wall-clock columns) in the order rows are written, read and compared.
 _PORTFOLIO_COLS = ", ".join(_PORTFOLIO_FIELDS)
 _DECISION_COLS = ", ".join(_DECISION_FIELDS)
 _FILL_COLS = ", ".join(_FILL_FIELDS)
 _PREDICTION_COLS = ", ".join(_PREDICTION_KEY_FIELDS) + ", feature_set_id, features, prediction"
+_ARB_ENTRY_COLS = ", ".join(_ARBITRAGE_ENTRY_FIELDS).replace("details", "entry_details")
+_ARB_OUTCOME_COLS = ", ".join(f for f in _ARBITRAGE_OUTCOME_FIELDS if f != "position_id").replace(
+    "details", "outcome_details"
+)
 
 
 def _json_default(obj: Any) -> Any:
@@ -383,6 +514,8 @@ class _EncodedBar(NamedTuple):
     fills: list[tuple[Any, ...]]
     metrics: list[tuple[str, float]]
     realised: list[tuple[Any, ...]]
+    opened: list[tuple[Any, ...]]
+    closed: list[tuple[Any, ...]]
     digest: str
 
 
@@ -419,9 +552,22 @@ def _encode_bar(record: BarRecord) -> _EncodedBar:
     _unique("decisions", [r[:3] for r in decisions])  # (symbol, source, slot)
     _unique("predictions", [(r[0], r[1], r[3]) for r in predictions])  # (symbol, model_name, slot)
     _unique("fills", [r[:1] for r in fills])
+    opened = [
+        _row(f"BarRecord.arbitrage_opened[{i}]", a, _ARBITRAGE_ENTRY_FIELDS)
+        for i, a in enumerate(record.arbitrage_opened)
+    ]
+    closed = [
+        _row(f"BarRecord.arbitrage_closed[{i}]", a, _ARBITRAGE_OUTCOME_FIELDS)
+        for i, a in enumerate(record.arbitrage_closed)
+    ]
     _unique("realised_returns", [r[:3] for r in realised])
+    _unique("arbitrage_opened", [r[:1] for r in opened])
+    _unique("arbitrage_closed", [r[:1] for r in closed])
+    for i, row in enumerate(opened):
+        if row[4] <= row[3]:
+            raise DataValidationError(f"BarRecord.arbitrage_opened[{i}]: exit_ts_ms must be after entry_ts_ms")
     # Canonical content, independent of the order the runner listed things in.
-    canonical = [
+    canonical: list[Any] = [
         bar,
         portfolio,
         sorted(decisions, key=lambda r: r[:3]),
@@ -430,8 +576,10 @@ def _encode_bar(record: BarRecord) -> _EncodedBar:
         metrics,
         sorted(realised, key=lambda r: r[:3]),
     ]
+    if opened or closed:  # only then: a bar without paper picks keeps the digest of schema 1
+        canonical += [sorted(opened), sorted(closed)]
     digest = hashlib.sha256(json.dumps(canonical, separators=(",", ":")).encode()).hexdigest()
-    return _EncodedBar(bar, portfolio, decisions, predictions, fills, metrics, realised, digest)
+    return _EncodedBar(bar, portfolio, decisions, predictions, fills, metrics, realised, opened, closed, digest)
 
 
 def _portfolio_from_row(row: Sequence[Any]) -> PortfolioSnapshot:
@@ -447,6 +595,7 @@ class StateStore:
     def __init__(self, path: str | Path, *, read_only: bool = False, timeout_s: float = 10.0) -> None:
         self.path = Path(path)
         self.read_only = read_only
+        self.schema_version = SCHEMA_VERSION  # of the open file (an older one only when read-only)
         self._lock = threading.Lock()
         if read_only and not self.path.is_file():
             raise DataValidationError(f"state database {self.path} does not exist")
@@ -476,6 +625,7 @@ class StateStore:
         return app_id, version, tables
 
     def _check_schema(self, app_id: int, version: int, tables: set[str]) -> None:
+        """Refuse a foreign, newer, unmigratable or incomplete file; an older migratable one passes."""
         if app_id != APPLICATION_ID:
             raise DataValidationError(
                 f"{self.path} is an SQLite database of another program, not a cryptoml state database; "
@@ -486,13 +636,31 @@ class StateStore:
                 f"state database {self.path} has schema version {version}, newer than this code's "
                 f"{SCHEMA_VERSION}; upgrade cryptoml"
             )
-        if version < SCHEMA_VERSION:
+        if version not in TABLES_OF_VERSION or any(v not in MIGRATIONS for v in range(version, SCHEMA_VERSION)):
             raise DataValidationError(
                 f"state database {self.path} has schema version {version} and no migration to {SCHEMA_VERSION} exists"
             )
-        missing = set(TABLES) - tables
+        missing = set(TABLES_OF_VERSION[version]) - tables
         if missing:
             raise DataValidationError(f"state database {self.path} lacks tables {sorted(missing)}")
+
+    def _migrate(self, version: int) -> None:
+        """Bring a checked older file to SCHEMA_VERSION, all steps in one transaction (all or nothing)."""
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            current = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            if current == version:  # not migrated by another process meanwhile
+                for v in range(version, SCHEMA_VERSION):
+                    for statement in MIGRATIONS[v]:
+                        self._conn.execute(statement)
+                self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            self._conn.execute("COMMIT")
+        except BaseException:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            raise
+        if current == version:
+            log.warning("state database %s migrated from schema %d to %d", self.path, version, SCHEMA_VERSION)
 
     def _open(self) -> None:
         try:
@@ -503,6 +671,7 @@ class StateStore:
                 if fresh:
                     raise DataValidationError(f"state database {self.path} is empty (never initialised)")
                 self._check_schema(app_id, version, tables)
+                self.schema_version = version
                 return
             if not fresh:
                 self._check_schema(app_id, version, tables)
@@ -513,6 +682,8 @@ class StateStore:
             self._conn.execute("PRAGMA foreign_keys=ON")
             if fresh:
                 self._create()
+            elif version < SCHEMA_VERSION:
+                self._migrate(version)
         except sqlite3.OperationalError as e:
             raise self._translate(e) from e
         except sqlite3.DatabaseError as e:  # "file is not a database", "database disk image is malformed"
@@ -613,7 +784,45 @@ class StateStore:
                 self._insert_metric(db, enc.bar_ts_ms, name, value)
             for r in enc.realised:
                 self._label(db, r, slot=None)
+            for entry in enc.opened:
+                self._open_arbitrage(db, enc.bar_ts_ms, entry)
+            for outcome in enc.closed:
+                self._close_arbitrage(db, enc.bar_ts_ms, outcome)
         return True
+
+    def _open_arbitrage(self, db: sqlite3.Connection, bar_ts_ms: int, entry: tuple[Any, ...]) -> None:
+        placeholders = ", ".join("?" * (len(entry) + 1))
+        cur = db.execute(
+            f"INSERT INTO arbitrage_positions (opened_bar_ts_ms, {_ARB_ENTRY_COLS}) VALUES ({placeholders}) "
+            "ON CONFLICT (position_id) DO NOTHING",
+            (bar_ts_ms, *entry),
+        )
+        if cur.rowcount == 0:
+            stored = db.execute(
+                f"SELECT {_ARB_ENTRY_COLS} FROM arbitrage_positions WHERE position_id = ?", (entry[0],)
+            ).fetchone()
+            if tuple(stored) != entry:
+                raise DataValidationError(
+                    f"arbitrage position {entry[0]!r} is already stored in {self.path} with different values"
+                )
+
+    def _close_arbitrage(self, db: sqlite3.Connection, bar_ts_ms: int, outcome: tuple[Any, ...]) -> None:
+        position_id, rest = outcome[0], outcome[1:]
+        sets = ", ".join(f"{c} = ?" for c in _ARB_OUTCOME_COLS.split(", "))
+        cur = db.execute(
+            f"UPDATE arbitrage_positions SET closed_bar_ts_ms = ?, {sets} WHERE position_id = ? AND status = 'open'",
+            (bar_ts_ms, *rest, position_id),
+        )
+        if cur.rowcount:
+            return
+        stored = db.execute(
+            f"SELECT closed_bar_ts_ms, {_ARB_OUTCOME_COLS} FROM arbitrage_positions WHERE position_id = ?",
+            (position_id,),
+        ).fetchone()
+        if stored is None:
+            raise DataValidationError(f"BarRecord.arbitrage_closed: no open arbitrage position {position_id!r}")
+        if tuple(stored) != (bar_ts_ms, *rest):
+            raise DataValidationError(f"arbitrage position {position_id!r} is already closed with other values")
 
     @staticmethod
     def _feature_set_id(db: sqlite3.Connection, names_json: str) -> int:
@@ -804,16 +1013,78 @@ class StateStore:
         arr = np.array(rows, dtype=np.float64).reshape(len(rows), 3)
         return np.array([r[0] for r in rows], dtype=np.int64), arr[:, 1].copy(), arr[:, 2].copy()
 
+    def _require_schema(self, version: int, what: str) -> None:
+        if self.schema_version < version:
+            raise DataValidationError(
+                f"state database {self.path} has schema version {self.schema_version}: {what} needs {version} "
+                "(open it once for writing, e.g. start the runner, to migrate it)"
+            )
+
+    def arbitrage_positions(self, scorer: str | None = None, status: str | None = None) -> list[StoredArbitrage]:
+        """The paper picks of the opportunity scorers, by entry time then position id."""
+        self._require_schema(2, "arbitrage_positions")
+        query = (
+            f"SELECT opened_bar_ts_ms, {_ARB_ENTRY_COLS}, status, closed_bar_ts_ms, {_ARB_OUTCOME_COLS} "
+            "FROM arbitrage_positions WHERE 1 = 1"
+        )
+        args: list[Any] = []
+        if scorer is not None:
+            query, args = query + " AND scorer = ?", [*args, _check("scorer", scorer, SCORERS)]
+        if status is not None:
+            query, args = (
+                query + " AND status = ?",
+                [*args, _check("status", status, ("open", *ARBITRAGE_END_STATUSES))],
+            )
+        with self._transaction("BEGIN") as db:
+            rows = db.execute(query + " ORDER BY entry_ts_ms, position_id", args).fetchall()
+        n = len(_ARBITRAGE_ENTRY_FIELDS)
+        out = []
+        for r in rows:
+            entry = ArbitrageEntry(*r[1:n], details=json.loads(r[n]))  # type: ignore[misc]
+            status_ = r[n + 1]
+            outcome = None
+            if status_ != "open":
+                profit_pct, profit_usd, funding, fees, slippage, details = r[n + 4 :]
+                outcome = ArbitrageOutcome(
+                    entry.position_id, status_, profit_pct, profit_usd, funding, fees, slippage, json.loads(details)
+                )
+            out.append(StoredArbitrage(r[0], entry, status_, r[n + 2], outcome))
+        return out
+
+    def scorer_comparison(self, since_ms: int | None = None) -> dict[str, ScorerSummary]:
+        """Per scorer (``ml``, ``rule``), its paper picks entered at or after ``since_ms``; see
+        :class:`ScorerSummary`. The same numbers as::
+
+            SELECT scorer, COUNT(*), SUM(status = 'open'), SUM(status = 'closed'), SUM(status = 'dropped'),
+                   AVG(CASE WHEN status = 'closed' THEN realised_profit_pct END),
+                   AVG(CASE WHEN status = 'closed' THEN realised_profit_pct > 0 END),
+                   TOTAL(realised_profit_usd), AVG(CASE WHEN status = 'closed' THEN predicted_profit_pct END)
+            FROM arbitrage_positions WHERE entry_ts_ms >= ? GROUP BY scorer
+        """
+        self._require_schema(2, "scorer_comparison")
+        query = (
+            "SELECT scorer, COUNT(*), SUM(status = 'open'), SUM(status = 'closed'), SUM(status = 'dropped'), "
+            "AVG(CASE WHEN status = 'closed' THEN realised_profit_pct END), "
+            "AVG(CASE WHEN status = 'closed' THEN realised_profit_pct > 0 END), TOTAL(realised_profit_usd), "
+            "AVG(CASE WHEN status = 'closed' THEN predicted_profit_pct END) "
+            "FROM arbitrage_positions WHERE entry_ts_ms >= ? GROUP BY scorer ORDER BY scorer"
+        )
+        with self._transaction("BEGIN") as db:
+            rows = db.execute(query, (since_ms or 0,)).fetchall()
+        return {r[0]: ScorerSummary(*r[1:]) for r in rows}
+
     def rows_per_bar(self) -> dict[int, BarRows]:
         """Row counts per bar time across the tables, read from one snapshot (crash and consistency checks)."""
         counts: dict[int, list[int]] = {}
-        queries = (
+        queries = [
             "SELECT bar_ts_ms, COUNT(*) FROM portfolio_state GROUP BY bar_ts_ms",
             "SELECT bar_ts_ms, COUNT(*) FROM trade_decisions GROUP BY bar_ts_ms",
             "SELECT bar_ts_ms, COUNT(*) FROM predictions GROUP BY bar_ts_ms",
             "SELECT bar_ts_ms, COUNT(*) FROM trade_history GROUP BY bar_ts_ms",
             "SELECT ts_ms, COUNT(*) FROM performance_metrics GROUP BY ts_ms",
-        )
+        ]
+        if self.schema_version >= 2:
+            queries.append("SELECT opened_bar_ts_ms, COUNT(*) FROM arbitrage_positions GROUP BY opened_bar_ts_ms")
         with self._transaction("BEGIN") as db:
             for j, query in enumerate(queries):
                 for ts, count in db.execute(query):
@@ -831,6 +1102,13 @@ class StateStore:
             "SELECT p.bar_ts_ms, p.symbol, p.model_name, p.model_version, p.slot, f.names, p.features, "
             "p.prediction, p.realised_return FROM predictions p JOIN feature_sets f ON f.id = p.feature_set_id "
             "ORDER BY p.bar_ts_ms, p.symbol, p.model_name, p.slot",
+        ) + (
+            (
+                f"SELECT opened_bar_ts_ms, {_ARB_ENTRY_COLS}, status, closed_bar_ts_ms, {_ARB_OUTCOME_COLS} "
+                "FROM arbitrage_positions ORDER BY position_id",
+            )
+            if self.schema_version >= 2
+            else ()
         )
         digest = hashlib.sha256()
         with self._transaction("BEGIN") as db:

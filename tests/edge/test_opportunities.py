@@ -29,7 +29,16 @@ import cryptoml.edge.opportunities as live
 import cryptoml.simulate.opportunities as batch_opps
 import cryptoml.simulate.snapshots as batch_snaps
 from cryptoml.config import OpportunityParams, SimulateParams, SnapshotParams, SyntheticParams
-from cryptoml.edge.opportunities import LiveMarket, detect_live, fetch_into, live_snapshots, rule_rank, rule_score
+from cryptoml.edge.opportunities import (
+    LiveMarket,
+    advance_paper_position,
+    detect_live,
+    fetch_into,
+    live_snapshots,
+    open_paper_position,
+    rule_rank,
+    rule_score,
+)
 from cryptoml.errors import ConfigError, DataValidationError, SourceError
 from cryptoml.features.opportunity import INPUT_COLUMNS, feature_matrix
 from cryptoml.market.exchange import make_exchange
@@ -37,6 +46,8 @@ from cryptoml.market.store import ParquetStore
 from cryptoml.market.synthetic import write_market
 from cryptoml.models.evaluation import top_k_picks
 from cryptoml.simulate.opportunities import detect_opportunities
+from cryptoml.simulate.positions import build_funding_events, build_price_paths
+from cryptoml.simulate.reference import simulate_one
 from cryptoml.simulate.snapshots import (
     SNAPSHOT_COLUMNS,
     MarketFrames,
@@ -292,6 +303,62 @@ def test_single_exchange_gives_spot_perp_only(synthetic: Market) -> None:
     assert len(want) == len(rows) == 2
     for o, r in zip(rows, want, strict=True):
         assert_same(o, r, batch_opps.OPPORTUNITY_COLUMNS, o["opportunity_id"])
+
+
+# --- following picks on paper ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["synthetic", "gappy"])
+def test_paper_positions_earn_what_the_simulator_says(case: str, request: pytest.FixtureRequest) -> None:
+    """Picks followed live on the 5-minute grid end with the reference simulator's profit, funding, fees
+    and slippage (mark = the perp's close at the settlement on both sides: the frames' marks dropped)."""
+    m: Market = request.getfixturevalue(case)
+    frames = replace(
+        m.frames, funding={k: v.drop(columns="mark_price", errors="ignore") for k, v in m.frames.funding.items()}
+    )
+    prices = build_price_paths(frames, m.snapshots)
+    funding = build_funding_events(frames, prices)
+    t0 = m.check_times[0] + (5 * MINUTE_MS if case == "synthetic" else 0)
+    feeder = Feeder(m.events)
+    market = feeder.until(t0)
+    opps = detect_live(market, t0, list(m.exchanges), BASES, QUOTE, SNAP, LOOSE, SIM)
+    picks = [o for o in opps if o["strategy"] == "spot_perp"][:2] + [o for o in opps if o["strategy"] != "spot_perp"][
+        :2
+    ]
+    positions = []
+    for o in picks:
+        for hold in (1, 8, 24):
+            pos = open_paper_position(market, o, hold, SNAP, SIM)
+            assert pos is not None and pos["exit_ts_ms"] == t0 + hold * HOUR_MS
+            positions.append((o, hold, pos))
+    outcomes: dict[int, dict[str, Any]] = {}
+    t = t0
+    while len(outcomes) < len(positions):
+        t += 5 * MINUTE_MS
+        market = feeder.until(t)
+        for k, (o, hold, pos) in enumerate(positions):
+            if k in outcomes:
+                continue
+            pos, outcome = advance_paper_position(market, pos, t, SNAP, SIM)
+            positions[k] = (o, hold, pos)
+            if outcome is not None:
+                assert t == pos["exit_ts_ms"]
+                outcomes[k] = outcome
+    for k, (o, hold, _) in enumerate(positions):
+        ref = simulate_one(o, hold, prices, funding, SIM)
+        got = outcomes[k]
+        where = f"{o['opportunity_id']} {hold} h"
+        if ref["status"] != "ok":
+            assert got["status"] == "dropped", where
+            continue
+        assert got["status"] == "closed", where
+        for ours, theirs in (
+            ("realised_profit_pct", "actual_profit_pct"), ("realised_profit_usd", "actual_profit_usd"),
+            ("funding_usd", "total_funding_usd"), ("fees_usd", "fees_usd"), ("slippage_pct", "slippage_pct"),
+            ("funding_payments_count", "funding_payments_count"),
+        ):  # fmt: skip
+            assert got[ours] == pytest.approx(ref[theirs], rel=TOL, abs=TOL), f"{where}: {ours}"
+    assert sum(1 for g in outcomes.values() if g["funding_payments_count"] > 0) >= 2
 
 
 # --- errors --------------------------------------------------------------------------------------------

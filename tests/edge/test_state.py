@@ -9,6 +9,7 @@ fingerprint of an uninterrupted run. This module doubles as that subprocess:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -24,8 +25,11 @@ import numpy as np
 import pytest
 
 from cryptoml.edge.state import (
+    _SCHEMA,
     APPLICATION_ID,
     SCHEMA_VERSION,
+    ArbitrageEntry,
+    ArbitrageOutcome,
     BarRecord,
     BarRows,
     Decision,
@@ -97,12 +101,33 @@ def next_bar(i: int, prev: PortfolioSnapshot | None) -> BarRecord:
     if i >= HORIZON_BARS:
         realised.append(RealisedReturn(bar_ts_ms - HORIZON_BARS * BAR_MS, SYMBOL, "lgbm", float(rng.normal() * 5)))
     metrics = {"equity": portfolio.equity, "drawdown_pct": float(abs(rng.normal()))}
-    return BarRecord(bar_ts_ms, portfolio, decisions, predictions, fills, metrics, realised)
+    # A paper arbitrage pick opens on bars 1, 11, 21... and closes 4 bars later (scorers alternate).
+    opened, closed = [], []
+    if i % 10 == 1:
+        opened.append(arbitrage_entry(i))
+    if i % 10 == 5:
+        gain = float(rng.normal(0.05, 0.1))
+        closed.append(
+            ArbitrageOutcome(f"p{i - 4}", "closed", gain, gain * 100, 3.0, 8.0, 0.02, {"exit": {"close": 1.0 + i}})
+            if i % 20 == 5
+            else ArbitrageOutcome(f"p{i - 4}", "dropped", details={"reason": "no bar at exit"})
+        )
+    return BarRecord(bar_ts_ms, portfolio, decisions, predictions, fills, metrics, realised, opened, closed)
+
+
+def arbitrage_entry(i: int) -> ArbitrageEntry:
+    bar_ts_ms = T0_MS + i * BAR_MS
+    ml = i % 20 == 1
+    return ArbitrageEntry(
+        f"p{i}", "ml" if ml else "rule", "spot_perp:BTC:x-spot:x-swap", bar_ts_ms + BAR_MS, bar_ts_ms + 5 * BAR_MS,
+        1.0, 10_000.0, 0.3 if ml else 12.0, 0.2 if ml else None, 0.6 if ml else None, 0.05 if ml else None,
+        "profit=v1" if ml else None, {"legs": [{"symbol": "BTC/USDT", "price": 42_000.0 + i}]},
+    )  # fmt: skip
 
 
 def expected_rows(bar_ts_ms: int) -> BarRows:
     i = (bar_ts_ms - T0_MS) // BAR_MS
-    return BarRows(1, 3 if i % 5 == 0 else 2, 2, 1 if i % 7 == 3 else 0, 2)
+    return BarRows(1, 3 if i % 5 == 0 else 2, 2, 1 if i % 7 == 3 else 0, 2, 1 if i % 10 == 1 else 0)
 
 
 def run_writer(
@@ -200,6 +225,43 @@ def test_round_trip_of_every_table(tmp_path: Path) -> None:
         assert realised[0] == next_bar(5, None).realised_returns[0].realised_return
         assert len(store.prediction_outcomes("lgbm", slot="shadow")[0]) == 3
 
+        # Bar 1 opened an ml pick that bar 5 closed: entry and outcome come back as written.
+        (pick,) = store.arbitrage_positions()
+        assert pick.entry == arbitrage_entry(1) and pick.opened_bar_ts_ms == T0_MS + BAR_MS
+        assert pick.status == "closed" and pick.closed_bar_ts_ms == T0_MS + 5 * BAR_MS
+        assert pick.outcome == next_bar(5, None).arbitrage_closed[0]
+        assert store.arbitrage_positions(scorer="rule") == [] and store.arbitrage_positions(status="open") == []
+
+
+def test_scorer_comparison_follows_both_scorers(tmp_path: Path) -> None:
+    with StateStore(tmp_path / "state.sqlite") as store:
+        prev = None
+        for i in range(33):  # picks at 1 (ml, closed), 11 (rule, dropped), 21 (ml, closed), 31 (rule, open)
+            record = next_bar(i, prev)
+            store.commit_bar(record)
+            prev = record.portfolio
+        summary = store.scorer_comparison()
+        assert set(summary) == {"ml", "rule"}
+        ml, rule = summary["ml"], summary["rule"]
+        gains = [next_bar(i, None).arbitrage_closed[0].realised_profit_pct for i in (5, 25)]
+        assert (ml.opened, ml.open, ml.closed, ml.dropped) == (2, 0, 2, 0)
+        assert ml.mean_profit_pct == pytest.approx(np.mean(gains))
+        assert ml.win_rate == pytest.approx(np.mean([g > 0 for g in gains]))  # type: ignore[arg-type]
+        assert ml.mean_predicted_profit_pct == pytest.approx(0.2)
+        assert ml.total_profit_usd == pytest.approx(100 * sum(gains))  # type: ignore[arg-type]
+        assert (rule.opened, rule.open, rule.closed, rule.dropped) == (2, 1, 0, 1)
+        assert rule.mean_profit_pct is None and rule.total_profit_usd == 0.0
+        assert store.scorer_comparison(since_ms=T0_MS + 30 * BAR_MS)["rule"].opened == 1
+        # Closing an unknown pick, or one already closed with other numbers, aborts the bar.
+        with pytest.raises(DataValidationError, match="no open arbitrage position 'nope'"):
+            store.commit_bar(
+                BarRecord(T0_MS + 40 * BAR_MS, prev, arbitrage_closed=[ArbitrageOutcome("nope", "dropped")])
+            )
+        again = ArbitrageOutcome("p21", "dropped")
+        with pytest.raises(DataValidationError, match="already closed"):
+            store.commit_bar(BarRecord(T0_MS + 41 * BAR_MS, prev, arbitrage_closed=[again]))
+        assert store.last_bar_ts_ms() == T0_MS + 32 * BAR_MS
+
 
 def test_file_settings_and_schema_markers(tmp_path: Path) -> None:
     path = tmp_path / "nested" / "state.sqlite"
@@ -225,10 +287,7 @@ def test_recommit_is_a_no_op_and_a_diverged_replay_is_refused(tmp_path: Path) ->
         before = store.fingerprint()
         # Same bar again, decisions listed in another order: same content, nothing changes.
         again = records[5]
-        shuffled = BarRecord(
-            again.bar_ts_ms, again.portfolio, list(reversed(again.decisions)), again.predictions, again.fills,
-            again.metrics, again.realised_returns,
-        )  # fmt: skip
+        shuffled = dataclasses.replace(again, decisions=list(reversed(again.decisions)))
         assert store.commit_bar(again) is False and store.commit_bar(shuffled) is False
         assert store.commit_bar(records[3]) is False  # an older, identical bar too
         assert store.fingerprint() == before
@@ -369,6 +428,48 @@ def test_foreign_sqlite_database_is_refused_and_left_untouched(tmp_path: Path) -
     with pytest.raises(DataValidationError, match="another program"):
         StateStore(path)
     assert path.read_bytes() == data
+
+
+def _schema_1_file(path: Path) -> None:
+    """A state file as schema 1 wrote it (the tables before ``arbitrage_positions``), with one bar."""
+    raw = sqlite3.connect(path, isolation_level=None)
+    for statement in _SCHEMA:
+        if "arbitrage" not in statement:
+            raw.execute(statement)
+    raw.execute(f"PRAGMA application_id={APPLICATION_ID}")
+    raw.execute("PRAGMA user_version=1")
+    raw.execute("INSERT INTO portfolio_state VALUES (?, 1, 1, 0, 0, 0, 0, '{}', '{}', 'x', 0)", (T0_MS,))
+    raw.close()
+
+
+def test_a_schema_1_file_is_read_as_is_and_migrated_when_opened_for_writing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "state.sqlite"
+    _schema_1_file(path)
+    with StateStore(path, read_only=True) as reader:
+        assert reader.schema_version == 1 and reader.last_bar_ts_ms() == T0_MS
+        assert reader.rows_per_bar()[T0_MS].portfolio == 1 and reader.fingerprint()
+        with pytest.raises(DataValidationError, match="schema version 1: arbitrage_positions needs 2"):
+            reader.arbitrage_positions()
+    with caplog.at_level("WARNING"), StateStore(path) as store:
+        assert store.schema_version == SCHEMA_VERSION
+        assert store.last_bar_ts_ms() == T0_MS and store.arbitrage_positions() == []
+    assert f"migrated from schema 1 to {SCHEMA_VERSION}" in caplog.text
+    raw = sqlite3.connect(path)
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    raw.close()
+    # A version with no migration path (0 with our application id) is refused, untouched.
+    old = tmp_path / "old.sqlite"
+    raw = sqlite3.connect(old)
+    raw.execute(f"PRAGMA application_id={APPLICATION_ID}")
+    raw.execute("CREATE TABLE portfolio_state (bar_ts_ms INTEGER)")
+    raw.commit()
+    raw.close()
+    data = old.read_bytes()
+    with pytest.raises(DataValidationError, match="schema version 0 and no migration"):
+        StateStore(old)
+    assert old.read_bytes() == data
 
 
 def test_newer_schema_is_refused(tmp_path: Path) -> None:

@@ -9,6 +9,19 @@ One stub serves both venues from the same in-memory data, keyed by exchange symb
 - Binance USDⓈ-M: ``/fapi/v1/exchangeInfo`` (a recorded body when given, plus generated entries for served
   symbols it lacks), ``/fapi/v1/klines`` (12-field rows, limit default 500 / max 1500), ``/fapi/v1/fundingRate``
   (default 100 / max 1000), ``/fapi/v1/depth`` (limit in 5, 10, 20, 50, 100, 500, 1000), ``/fapi/v1/time``.
+- Binance spot (the spot legs of the funding-arbitrage scorer, ``ccxt.binance`` with
+  ``fetchMarkets.types = ["spot"]``): ``/api/v3/exchangeInfo`` (a recorded body when given, plus generated
+  entries for served spot symbols), ``/api/v3/klines`` (default 500 / max 1000), ``/api/v3/depth`` (default
+  100 / max 5000, no timestamp, as the venue), ``/api/v3/time``, ``/api/v3/ping``. Spot data is kept apart
+  from the perps' (``set_spot_candles`` / ``set_spot_book``).
+- Binance USDⓈ-M **signed** endpoints (the ``--live`` broker, after :meth:`StubExchange.set_account`):
+  ``POST/GET/DELETE /fapi/v1/order`` (market orders fill at once at the symbol's mark; limits rest),
+  ``POST/GET/DELETE /fapi/v1/algoOrder`` (stop / take-profit: ccxt 4.5 sends conditional orders there; they
+  rest until :meth:`StubExchange.trigger_algo`), ``GET /fapi/v3/positionRisk``, ``GET /fapi/v3/account``,
+  ``GET /fapi/v1/leverageBracket``. Every one checks the ``X-MBX-APIKEY`` header and the HMAC-SHA256
+  ``signature`` of the query (or form body) with the account's secret, as Binance does (-2015 / -1022 on
+  failure); a ``newClientOrderId`` / ``clientAlgoId`` used before is refused like the venue (-4116
+  "ClientOrderId is duplicated." / -20132); an unknown order is -2013 (query) or -2011 (cancel).
 - Bybit v5: ``/v5/market/instruments-info`` (linear perpetuals for the served symbols), ``/v5/market/kline``
   (newest first, default 200 / max 1000), ``/v5/market/funding/history`` (newest first, max 200, ``startTime``
   alone is an error), ``/v5/market/orderbook`` (linear max 500), ``/v5/market/time``.
@@ -35,6 +48,8 @@ params.yaml (or ``make_exchange("binanceusdm", api_url="http://127.0.0.1:8765")`
 from __future__ import annotations
 
 import argparse
+import hashlib
+import hmac
 import json
 import signal
 import socket
@@ -46,19 +61,22 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, parse_qsl, urlsplit
 
 import numpy as np
 import pandas as pd
 
 DATA_DIR = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 FAPI_EXCHANGE_INFO = DATA_DIR / "binance_fapi_v1_exchangeInfo_20210722.json"
+SPOT_EXCHANGE_INFO = DATA_DIR / "binance_spot_api_v3_exchangeInfo_trimmed_20211022.json"
 
 # The venues' documented per-request limits (default, max).
 BINANCE_KLINES_LIMIT = (500, 1500)
 BINANCE_FUNDING_LIMIT = (100, 1000)
 BINANCE_DEPTH_LIMITS = (5, 10, 20, 50, 100, 500, 1000)
 BINANCE_DEPTH_DEFAULT = 500
+BINANCE_SPOT_KLINES_LIMIT = (500, 1000)
+BINANCE_SPOT_DEPTH_LIMIT = (100, 5000)
 BYBIT_KLINE_LIMIT = (200, 1000)
 BYBIT_FUNDING_LIMIT = (200, 200)
 BYBIT_BOOK_LIMIT = (25, 500)  # linear / inverse
@@ -250,6 +268,20 @@ class ApiError(Exception):
         self.body = body
 
 
+@dataclass
+class _Account:
+    """The signed-endpoint account: credentials, USDT wallet, one-way positions and orders by client id."""
+
+    api_key: str
+    secret: str
+    wallet: float
+    taker_fee_bps: float = 4.0
+    positions: dict[str, list[float]] = field(default_factory=dict)  # symbol -> [amount (signed), entry price]
+    orders: dict[str, dict[str, Any]] = field(default_factory=dict)  # clientOrderId -> order JSON
+    algo_orders: dict[str, dict[str, Any]] = field(default_factory=dict)  # clientAlgoId -> algo order JSON
+    next_id: int = 1000
+
+
 def _int_param(query: Mapping[str, str], name: str) -> int | None:
     value = query.get(name)
     if value is None or value == "":
@@ -264,6 +296,7 @@ class StubExchange:
         self,
         *,
         exchange_info: Mapping[str, Any] | None = None,
+        spot_exchange_info: Mapping[str, Any] | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -274,12 +307,17 @@ class StubExchange:
         self.unknown_paths: list[str] = []
         self.requests: list[tuple[str, dict[str, str]]] = []
         self._counts: Counter[str] = Counter()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: signed routes run under it and read marks and symbols
         self._exchange_info = dict(exchange_info) if exchange_info is not None else None
+        self._spot_exchange_info = dict(spot_exchange_info) if spot_exchange_info is not None else None
+        self._spot_candles: dict[tuple[str, int], _Series] = {}
+        self._spot_books: dict[str, Book] = {}
         self._candles: dict[tuple[str, int], _Series] = {}
         self._funding: dict[str, _Series] = {}
         self._books: dict[str, Book] = {}
         self._extra_symbols: set[str] = {"BTCUSDT", "ETHUSDT"}
+        self._account: _Account | None = None
+        self._marks: dict[str, float] = {}
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -304,6 +342,22 @@ class StubExchange:
         split_symbol(symbol_id)
         with self._lock:
             self._books[symbol_id] = book
+
+    def set_spot_candles(self, symbol_id: str, df: pd.DataFrame, timeframe_ms: int = _MINUTE_MS) -> None:
+        """Serve ``df`` (store schema) as Binance **spot** ``symbol_id`` candles (``/api/v3/klines``)."""
+        split_symbol(symbol_id)
+        series = _Series.from_frame(df, ("open", "high", "low", "close", "volume"))
+        with self._lock:
+            self._spot_candles[(symbol_id, timeframe_ms)] = series
+
+    def set_spot_book(self, symbol_id: str, book: Book) -> None:
+        split_symbol(symbol_id)
+        with self._lock:
+            self._spot_books[symbol_id] = book
+
+    def spot_symbols(self) -> list[str]:
+        with self._lock:
+            return sorted({sym for sym, _ in self._spot_candles} | set(self._spot_books))
 
     def add_symbol(self, symbol_id: str) -> None:
         """List a symbol in the market lists even without data for it."""
@@ -443,15 +497,15 @@ class StubExchange:
             raise ApiError(400, {"code": -1130, "msg": "Data sent for parameter 'limit' is not valid."})
         return limit
 
-    def binance_klines(self, query: Mapping[str, str]) -> list[list[Any]]:
-        symbol = self._binance_symbol(query)
+    def binance_klines(self, query: Mapping[str, str], spot: bool = False) -> list[list[Any]]:
+        symbol = self._binance_spot_symbol(query) if spot else self._binance_symbol(query)
         interval_ms = BINANCE_INTERVALS_MS.get(query.get("interval", ""))
         if interval_ms is None:
             raise ApiError(400, {"code": -1120, "msg": "Invalid interval."})
-        limit = self._binance_limit(query, BINANCE_KLINES_LIMIT)
+        limit = self._binance_limit(query, BINANCE_SPOT_KLINES_LIMIT if spot else BINANCE_KLINES_LIMIT)
         start, end = _int_param(query, "startTime"), _int_param(query, "endTime")
         with self._lock:
-            series = self._candles.get((symbol, interval_ms))
+            series = (self._spot_candles if spot else self._candles).get((symbol, interval_ms))
         if series is None:
             return []
         idx = self._select(series, start, end, limit, newest=start is None)
@@ -520,6 +574,296 @@ class StubExchange:
             "bids": [[num(p), num(q)] for p, q in book.bids[:limit]],
             "asks": [[num(p), num(q)] for p, q in book.asks[:limit]],
         }
+
+    # ----- Binance spot -----
+    def binance_spot_exchange_info(self) -> dict[str, Any]:
+        if self._spot_exchange_info is not None:
+            body = json.loads(json.dumps(self._spot_exchange_info))
+        else:
+            body = {
+                "timezone": "UTC",
+                "serverTime": now_ms(),
+                "rateLimits": [
+                    {"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": 1200},
+                    {"rateLimitType": "ORDERS", "interval": "SECOND", "intervalNum": 10, "limit": 50},
+                ],
+                "exchangeFilters": [],
+                "symbols": [],
+            }
+        known = {s["symbol"] for s in body["symbols"]}
+        for symbol_id in self.spot_symbols():
+            if symbol_id not in known:
+                body["symbols"].append(_binance_spot_symbol_entry(symbol_id))
+        return body
+
+    def _binance_spot_symbol(self, query: Mapping[str, str]) -> str:
+        symbol = query.get("symbol")
+        if not symbol:
+            raise ApiError(
+                400, {"code": -1102, "msg": "Mandatory parameter 'symbol' was not sent, was empty/null, or malformed."}
+            )
+        if symbol not in {s["symbol"] for s in self.binance_spot_exchange_info()["symbols"]}:
+            raise ApiError(400, {"code": -1121, "msg": "Invalid symbol."})
+        return symbol
+
+    def binance_spot_depth(self, query: Mapping[str, str]) -> dict[str, Any]:
+        symbol = self._binance_spot_symbol(query)
+        limit = self._binance_limit(query, BINANCE_SPOT_DEPTH_LIMIT)
+        with self._lock:
+            book = self._spot_books.get(symbol)
+        if book is None:
+            book = Book(bids=[], asks=[], ts_ms=now_ms())
+        return {  # the spot venue stamps no time on a depth answer
+            "lastUpdateId": book.update_id,
+            "bids": [[num(p), num(q)] for p, q in book.bids[:limit]],
+            "asks": [[num(p), num(q)] for p, q in book.asks[:limit]],
+        }
+
+    # ----- Binance USDⓈ-M, signed -----
+    def set_account(self, api_key: str, secret: str, wallet_usdt: float = 10_000.0, taker_fee_bps: float = 4.0) -> None:
+        """Open the signed endpoints for one API key / secret with a USDT wallet (and no position)."""
+        with self._lock:
+            self._account = _Account(api_key, secret, wallet_usdt, taker_fee_bps)
+
+    def set_mark(self, symbol_id: str, price: float) -> None:
+        """The price market orders of ``symbol_id`` fill at (default: the last served candle's close)."""
+        with self._lock:
+            self._marks[symbol_id] = float(price)
+
+    def mark(self, symbol_id: str) -> float:
+        with self._lock:
+            if symbol_id in self._marks:
+                return self._marks[symbol_id]
+            series = self._candles.get((symbol_id, _MINUTE_MS))
+        return float(series.cols["close"][-1]) if series is not None and len(series.ts) else 100.0
+
+    def check_signature(self, headers: Mapping[str, str], payload: str) -> None:
+        """Binance's checks of a signed request: the key header, then HMAC-SHA256(secret, payload minus the
+        trailing ``signature`` parameter) against that parameter."""
+        account = self._account
+        if account is None or headers.get("X-MBX-APIKEY") != account.api_key:
+            raise ApiError(401, {"code": -2015, "msg": "Invalid API-key, IP, or permissions for action."})
+        signed, sep, signature = payload.rpartition("&signature=")
+        want = hmac.new(account.secret.encode(), signed.encode(), hashlib.sha256).hexdigest()
+        if not sep or not hmac.compare_digest(signature, want):
+            raise ApiError(400, {"code": -1022, "msg": "Signature for this request is not valid."})
+        if "timestamp=" not in signed:
+            raise ApiError(
+                400,
+                {"code": -1102, "msg": "Mandatory parameter 'timestamp' was not sent, was empty/null, or malformed."},
+            )
+
+    def _new_id(self) -> int:
+        assert self._account is not None
+        self._account.next_id += 1
+        return self._account.next_id
+
+    def _fill(self, symbol: str, side: str, qty: float, price: float) -> None:
+        """Book a taker fill on the one-way position (realised PnL and fee to the wallet)."""
+        account = self._account
+        assert account is not None
+        amt, entry = account.positions.get(symbol, [0.0, 0.0])
+        delta = qty if side == "BUY" else -qty
+        if amt and (amt > 0) != (delta > 0):  # reduces (or flips) the position
+            closed = min(abs(delta), abs(amt))
+            account.wallet += closed * (price - entry) * (1 if amt > 0 else -1)
+        new = amt + delta
+        if abs(new) < 1e-12:
+            new, entry = 0.0, 0.0
+        elif amt == 0 or (amt > 0) != (new > 0):
+            entry = price
+        elif (amt > 0) == (delta > 0):
+            entry = (amt * entry + delta * price) / new
+        account.positions[symbol] = [new, entry]
+        account.wallet -= qty * price * account.taker_fee_bps / 10_000
+
+    def _order_json(self, order: dict[str, Any]) -> dict[str, Any]:
+        return dict(order)
+
+    def binance_new_order(self, q: Mapping[str, str]) -> dict[str, Any]:
+        symbol = self._binance_symbol(q)
+        account = self._account
+        assert account is not None
+        cid = q.get("newClientOrderId") or f"stub{self._new_id()}"
+        if cid in account.orders:
+            raise ApiError(400, {"code": -4116, "msg": "ClientOrderId is duplicated."})
+        kind, side, qty = q.get("type", ""), q.get("side", ""), float(q.get("quantity", "0"))
+        if kind not in ("MARKET", "LIMIT") or side not in ("BUY", "SELL") or qty <= 0:
+            raise ApiError(400, {"code": -1116, "msg": "Invalid orderType."})
+        now = now_ms()
+        order = {
+            "orderId": self._new_id(), "symbol": symbol, "status": "NEW", "clientOrderId": cid,
+            "price": q.get("price", "0"), "avgPrice": "0", "origQty": num(qty), "executedQty": "0", "cumQty": "0",
+            "cumQuote": "0", "timeInForce": q.get("timeInForce", "GTC"), "type": kind,
+            "reduceOnly": q.get("reduceOnly") == "true", "closePosition": False, "side": side, "positionSide": "BOTH",
+            "stopPrice": "0", "workingType": "CONTRACT_PRICE", "priceProtect": False, "origType": kind,
+            "priceMatch": "NONE", "selfTradePreventionMode": "EXPIRE_MAKER", "goodTillDate": 0, "time": now,
+            "updateTime": now,
+        }  # fmt: skip
+        if kind == "MARKET":
+            price = self.mark(symbol)
+            self._fill(symbol, side, qty, price)
+            order.update(status="FILLED", avgPrice=num(price), executedQty=num(qty), cumQty=num(qty),
+                         cumQuote=num(round(qty * price, 8)))  # fmt: skip
+        account.orders[cid] = order
+        return self._order_json(order)
+
+    def _find_order(self, q: Mapping[str, str], cancel: bool) -> dict[str, Any]:
+        account = self._account
+        assert account is not None
+        self._binance_symbol(q)
+        cid = q.get("origClientOrderId")
+        order = account.orders.get(cid) if cid else None
+        if order is None and q.get("orderId"):
+            order = next((o for o in account.orders.values() if str(o["orderId"]) == q["orderId"]), None)
+        if order is None:
+            raise ApiError(400, {"code": -2011, "msg": "Unknown order sent."} if cancel else
+                           {"code": -2013, "msg": "Order does not exist."})  # fmt: skip
+        return order
+
+    def binance_get_order(self, q: Mapping[str, str]) -> dict[str, Any]:
+        return self._order_json(self._find_order(q, cancel=False))
+
+    def binance_cancel_order(self, q: Mapping[str, str]) -> dict[str, Any]:
+        order = self._find_order(q, cancel=True)
+        if order["status"] != "NEW":
+            raise ApiError(400, {"code": -2011, "msg": "Unknown order sent."})
+        order.update(status="CANCELED", updateTime=now_ms())
+        return self._order_json(order)
+
+    def binance_new_algo_order(self, q: Mapping[str, str]) -> dict[str, Any]:
+        symbol = self._binance_symbol(q)
+        account = self._account
+        assert account is not None
+        cid = q.get("clientAlgoId") or f"stubalgo{self._new_id()}"
+        if cid in account.algo_orders:
+            raise ApiError(400, {"code": -20132, "msg": "The client algo id is duplicated."})
+        kind, side = q.get("type", ""), q.get("side", "")
+        if q.get("algoType") != "CONDITIONAL" or kind not in (
+            "STOP_MARKET",
+            "TAKE_PROFIT_MARKET",
+            "STOP",
+            "TAKE_PROFIT",
+        ):
+            raise ApiError(400, {"code": -1116, "msg": "Invalid orderType."})
+        now = now_ms()
+        order = {
+            "algoId": self._new_id(), "clientAlgoId": cid, "algoType": "CONDITIONAL", "orderType": kind,
+            "symbol": symbol, "side": side, "positionSide": "BOTH", "timeInForce": q.get("timeInForce", "GTC"),
+            "quantity": q.get("quantity", "0"), "algoStatus": "NEW", "triggerPrice": q.get("triggerPrice", "0"),
+            "price": q.get("price", "0"), "icebergQuantity": None, "selfTradePreventionMode": "EXPIRE_MAKER",
+            "workingType": q.get("workingType", "CONTRACT_PRICE"), "priceMatch": "NONE", "closePosition": False,
+            "priceProtect": False, "reduceOnly": q.get("reduceOnly") == "true", "activatePrice": "",
+            "callbackRate": "", "createTime": now, "updateTime": now, "triggerTime": 0, "goodTillDate": 0,
+        }  # fmt: skip
+        account.algo_orders[cid] = order
+        return dict(order)
+
+    def _find_algo(self, q: Mapping[str, str], cancel: bool) -> dict[str, Any]:
+        account = self._account
+        assert account is not None
+        order = account.algo_orders.get(q.get("clientAlgoId", ""))
+        if order is None and q.get("algoId"):
+            order = next((o for o in account.algo_orders.values() if str(o["algoId"]) == q["algoId"]), None)
+        if order is None:
+            raise ApiError(400, {"code": -2011, "msg": "Unknown order sent."} if cancel else
+                           {"code": -2013, "msg": "Order does not exist."})  # fmt: skip
+        return order
+
+    def binance_get_algo_order(self, q: Mapping[str, str]) -> dict[str, Any]:
+        return dict(self._find_algo(q, cancel=False))
+
+    def binance_cancel_algo_order(self, q: Mapping[str, str]) -> dict[str, Any]:
+        order = self._find_algo(q, cancel=True)
+        if order["algoStatus"] != "NEW":
+            raise ApiError(400, {"code": -2011, "msg": "Unknown order sent."})
+        order.update(algoStatus="CANCELED", updateTime=now_ms())
+        return {"algoId": order["algoId"], "clientAlgoId": order["clientAlgoId"], "code": "200", "msg": "success"}
+
+    def trigger_algo(self, client_algo_id: str, price: float | None = None) -> None:
+        """The market reached a resting stop / take-profit: it fills (at ``price``, default its trigger)."""
+        with self._lock:
+            account = self._account
+            assert account is not None
+            order = account.algo_orders[client_algo_id]
+            fill = float(order["triggerPrice"]) if price is None else price
+            self._fill(order["symbol"], order["side"], float(order["quantity"]), fill)
+            order.update(algoStatus="FINISHED", updateTime=now_ms(), triggerTime=now_ms(), actualPrice=num(fill))
+
+    def binance_position_risk(self, q: Mapping[str, str]) -> list[dict[str, Any]]:
+        account = self._account
+        assert account is not None
+        wanted = q.get("symbol")
+        out = []
+        for symbol, (amt, entry) in sorted(account.positions.items()):
+            if amt == 0 or (wanted and wanted != symbol):
+                continue  # v3 lists only the symbols with a position
+            mark = self.mark(symbol)
+            margin = num(round(abs(amt) * mark, 8))
+            out.append({
+                "symbol": symbol, "positionSide": "BOTH", "positionAmt": num(amt), "entryPrice": num(entry),
+                "breakEvenPrice": num(entry), "markPrice": num(mark),
+                "unRealizedProfit": num(round(amt * (mark - entry), 8)), "liquidationPrice": "0",
+                "isolatedMargin": "0", "notional": num(round(amt * mark, 8)), "marginAsset": "USDT",
+                "isolatedWallet": "0", "initialMargin": margin, "maintMargin": "0", "positionInitialMargin": margin,
+                "openOrderInitialMargin": "0", "adl": 0, "bidNotional": "0", "askNotional": "0",
+                "updateTime": now_ms(),
+            })  # fmt: skip
+        return out
+
+    def binance_account(self, q: Mapping[str, str]) -> dict[str, Any]:
+        account = self._account
+        assert account is not None
+        unrealised = sum(amt * (self.mark(s) - entry) for s, (amt, entry) in account.positions.items())
+        wallet, margin = num(round(account.wallet, 8)), num(round(account.wallet + unrealised, 8))
+        upnl = num(round(unrealised, 8))
+        return {
+            "totalInitialMargin": "0", "totalMaintMargin": "0", "totalWalletBalance": wallet,
+            "totalUnrealizedProfit": upnl, "totalMarginBalance": margin, "totalPositionInitialMargin": "0",
+            "totalOpenOrderInitialMargin": "0", "totalCrossWalletBalance": wallet, "totalCrossUnPnl": upnl,
+            "availableBalance": margin, "maxWithdrawAmount": margin,
+            "assets": [{
+                "asset": "USDT", "walletBalance": wallet, "unrealizedProfit": upnl, "marginBalance": margin,
+                "maintMargin": "0", "initialMargin": "0", "positionInitialMargin": "0", "openOrderInitialMargin": "0",
+                "crossWalletBalance": wallet, "crossUnPnl": upnl, "availableBalance": margin,
+                "maxWithdrawAmount": margin, "updateTime": now_ms(),
+            }],
+            "positions": [],
+        }  # fmt: skip
+
+    def binance_leverage_brackets(self, q: Mapping[str, str]) -> list[dict[str, Any]]:
+        bracket = {"bracket": 1, "initialLeverage": 125, "notionalCap": 50000, "notionalFloor": 0,
+                   "maintMarginRatio": 0.004, "cum": 0.0}  # fmt: skip
+        return [{"symbol": s, "brackets": [bracket]} for s in self.symbols()]
+
+    def signed_routes(self) -> dict[tuple[str, str], Callable[[Mapping[str, str]], Any]]:
+        return {
+            ("POST", "/fapi/v1/order"): self.binance_new_order,
+            ("GET", "/fapi/v1/order"): self.binance_get_order,
+            ("DELETE", "/fapi/v1/order"): self.binance_cancel_order,
+            ("POST", "/fapi/v1/algoOrder"): self.binance_new_algo_order,
+            ("GET", "/fapi/v1/algoOrder"): self.binance_get_algo_order,
+            ("DELETE", "/fapi/v1/algoOrder"): self.binance_cancel_algo_order,
+            ("GET", "/fapi/v3/positionRisk"): self.binance_position_risk,
+            ("GET", "/fapi/v3/account"): self.binance_account,
+            ("GET", "/fapi/v1/leverageBracket"): self.binance_leverage_brackets,
+        }
+
+    def answer_signed(
+        self, method: str, path: str, query: Mapping[str, str], headers: Mapping[str, str], payload: str
+    ) -> tuple[int, Any] | None:
+        """Status and JSON body of a signed request, None when (method, path) is not a signed route."""
+        route = self.signed_routes().get((method, path))
+        if route is None:
+            return None
+        try:
+            self.check_signature(headers, payload)
+            with self._lock:
+                return 200, route(query)
+        except ApiError as e:
+            return e.status, e.body
+        except ValueError as e:
+            return 400, {"code": -1100, "msg": f"Illegal characters found in a parameter: {e}"}
 
     # ----- Bybit v5 -----
     @staticmethod
@@ -634,6 +978,11 @@ class StubExchange:
             "/fapi/v1/klines": self.binance_klines,
             "/fapi/v1/fundingRate": self.binance_funding,
             "/fapi/v1/depth": self.binance_depth,
+            "/api/v3/exchangeInfo": lambda q: self.binance_spot_exchange_info(),
+            "/api/v3/time": lambda q: {"serverTime": now_ms()},
+            "/api/v3/ping": lambda q: {},
+            "/api/v3/klines": lambda q: self.binance_klines(q, spot=True),
+            "/api/v3/depth": self.binance_spot_depth,
             "/v5/market/time": lambda q: self._bybit_ok(
                 {"timeSecond": str(now_ms() // 1000), "timeNano": str(time.time_ns())}
             ),
@@ -704,6 +1053,41 @@ def _binance_symbol_entry(symbol_id: str) -> dict[str, Any]:
     }
 
 
+def _binance_spot_symbol_entry(symbol_id: str) -> dict[str, Any]:
+    """A spot exchangeInfo symbol entry with the fields of the recorded 2021 body."""
+    base, quote = split_symbol(symbol_id)
+    return {
+        "symbol": symbol_id,
+        "status": "TRADING",
+        "baseAsset": base,
+        "baseAssetPrecision": 8,
+        "quoteAsset": quote,
+        "quotePrecision": 8,
+        "quoteAssetPrecision": 8,
+        "baseCommissionPrecision": 8,
+        "quoteCommissionPrecision": 8,
+        "orderTypes": ["LIMIT", "LIMIT_MAKER", "MARKET", "STOP_LOSS_LIMIT", "TAKE_PROFIT_LIMIT"],
+        "icebergAllowed": True,
+        "ocoAllowed": True,
+        "quoteOrderQtyMarketAllowed": True,
+        "isSpotTradingAllowed": True,
+        "isMarginTradingAllowed": True,
+        "filters": [
+            {
+                "filterType": "PRICE_FILTER",
+                "minPrice": "0.01000000",
+                "maxPrice": "1000000.00000000",
+                "tickSize": "0.01000000",
+            },
+            {"filterType": "PERCENT_PRICE", "multiplierUp": "5", "multiplierDown": "0.2", "avgPriceMins": 5},
+            {"filterType": "LOT_SIZE", "minQty": "0.00001000", "maxQty": "9000.00000000", "stepSize": "0.00001000"},
+            {"filterType": "MIN_NOTIONAL", "minNotional": "10.00000000", "applyToMarket": True, "avgPriceMins": 5},
+            {"filterType": "MAX_NUM_ORDERS", "maxNumOrders": 200},
+        ],
+        "permissions": ["SPOT", "MARGIN"],
+    }
+
+
 def _bybit_instrument(symbol_id: str) -> dict[str, Any]:
     """A v5 linear-perpetual instruments-info entry (field names as Bybit's documented response)."""
     base, quote = split_symbol(symbol_id)
@@ -749,16 +1133,37 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+    def do_DELETE(self) -> None:
+        self._handle("DELETE")
+
+    def _handle(self, method: str) -> None:
         stub = self.server.stub
         parts = urlsplit(self.path)
-        query = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length).decode() if length else ""
+        payload = body if method == "POST" else parts.query  # what a signature covers
+        query = {k: v for k, v in parse_qsl(parts.query, keep_blank_values=True)}
+        query.update(parse_qsl(body, keep_blank_values=True))
         stub._record(parts.path, query)
         fault = stub.faults.take(parts.path)
         try:
-            if fault is None:
+            if fault is not None:
+                self._fault(fault, parts.path, query)
+                return
+            signed = stub.answer_signed(method, parts.path, query, dict(self.headers.items()), payload)
+            if signed is not None:
+                self._send(*signed)
+            elif method == "GET":
                 self._send(*stub.answer(parts.path, query))
             else:
-                self._fault(fault, parts.path, query)
+                with stub._lock:
+                    stub.unknown_paths.append(f"{method} {parts.path}")
+                self._send(404, {"code": -5, "msg": f"stub exchange: unknown path {method} {parts.path}"})
         except (TimeoutError, BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (timeout test): nothing to answer
 
