@@ -58,6 +58,20 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory, bytecode_env: dict[
         yield server.api_url
 
 
+@pytest.fixture(scope="module")
+def prefect_api(prefect_server: str) -> Iterator[str]:
+    """In-process flows of the requesting module report to the session's real server, not an ephemeral one."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
+        yield prefect_server
+        # Deliver the module's logs and events while the settings still name this server.
+        APILogWorker.drain_all()
+        EventsWorker.drain_all()
+
+
 @pytest.fixture(scope="session")
 def cli_env(
     prefect_server: str, bytecode_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory

@@ -56,19 +56,6 @@ def backtest_digests(project: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def prefect_api(prefect_server: str) -> Iterator[str]:
-    """Flows of this module report to the session's real server instead of an ephemeral one."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
-        yield prefect_server
-        APILogWorker.drain_all()
-        EventsWorker.drain_all()
-
-
-@pytest.fixture(scope="module")
 def project(prefect_api: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The temp project after the upstream flows (simulate on threads); the working directory meanwhile."""
     from flows.backfill import backfill_flow

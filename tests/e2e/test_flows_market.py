@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -46,20 +45,6 @@ def store_digests(root: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
-
-
-@pytest.fixture(scope="module")
-def prefect_api(prefect_server: str) -> Iterator[str]:
-    """Flows of this module report to the session's real server instead of an ephemeral one."""
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
-        yield prefect_server
-        # Deliver this module's logs and events while the settings still name this server.
-        APILogWorker.drain_all()
-        EventsWorker.drain_all()
 
 
 @pytest.fixture(scope="module")

@@ -330,18 +330,6 @@ def test_one_retrain_at_a_time_in_a_workspace_linked_to_the_projects_mlflow_stor
 # --- the flows, end to end in a temp project -------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def prefect_api(prefect_server: str) -> Iterator[str]:
-    from prefect.events.worker import EventsWorker
-    from prefect.logging.handlers import APILogWorker
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
-        yield prefect_server
-        APILogWorker.drain_all()
-        EventsWorker.drain_all()
-
-
 def test_retrain_flow_registers_a_tagged_challenger_then_shadow_review_promotes_it(
     prefect_api: str, mlflow_server: MlflowServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
