@@ -350,6 +350,35 @@ def print_model_table(reports: Path) -> None:
     Console(width=max(Console().width, 120)).print(table)
 
 
+def print_backtest_summary(folder: Path) -> None:
+    """The walk-forward headline (out of sample, with buy-and-hold beside it) and the opportunity scorers."""
+    metrics_file = folder / "metrics.json"
+    if not metrics_file.exists():
+        return
+    overall = json.loads(metrics_file.read_text())["overall"]
+
+    def fmt(key: str, spec: str) -> str:
+        value = overall.get(key)
+        return "n/a" if value is None else format(value, spec)
+
+    typer.echo(
+        f"backtest:   {folder}/  walk-forward, out of sample: return {fmt('total_return', '+.2%')} "
+        f"(buy-and-hold {fmt('buy_hold_total_return', '+.2%')}), Sharpe {fmt('sharpe', '.2f')} "
+        f"(in sample {fmt('sharpe_in_sample', '.2f')}, deflated {fmt('deflated_sharpe', '.2f')}), "
+        f"max drawdown {fmt('max_drawdown', '.2%')}, {fmt('n_trades', 'd')} trades"
+    )
+    opportunity_file = folder / "opportunity_backtest.json"
+    if opportunity_file.exists():
+        o = json.loads(opportunity_file.read_text()).get("overall", {})
+        rows = [
+            f"{s} {o[s]['pnl_usd']:+,.0f} USD"
+            for s in ("ml", "rule")
+            if isinstance(o.get(s), dict) and o[s].get("pnl_usd") is not None
+        ]
+        if rows:
+            typer.echo(f"            opportunity scorer, walk-forward by day: {', '.join(rows)}")
+
+
 @app.command()
 def run(params: ParamsOpt = "params.yaml") -> None:
     """Run the whole DAG as one Prefect flow (the same stages as `dvc repro`)."""
@@ -392,6 +421,7 @@ def summary(params: ParamsOpt = "params.yaml") -> None:
             typer.echo(f"models:     models/<name>/ ONNX bundles, natives in models/native/ (reports in {reports}/)")
             print_ml_vs_rule(json.loads(train_report.read_text()))
         print_model_table(reports)
+        print_backtest_summary(reports / "backtest")
         if (reports / "registry.json").exists():
             typer.echo(
                 "MLflow UI:  .venv/bin/mlflow ui --backend-store-uri sqlite:///mlruns/mlflow.db "

@@ -20,6 +20,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from cryptoml.atomic import atomic_path
 from cryptoml.backtest.engine import Trade
 from cryptoml.backtest.opportunity import (
     OpportunityBacktestSettings,
@@ -156,7 +157,8 @@ def backtest_report_task(
         benchmark_close=ev.bars["close"].to_numpy(),
         title=f"Walk-forward {params.price.exchange} {params.price.symbol}",
     )
-    pd.DataFrame(segment_table(segments)).to_csv(REFITS_CSV, index=False, lineterminator="\n")
+    with atomic_path(REFITS_CSV) as tmp:
+        pd.DataFrame(segment_table(segments)).to_csv(tmp, index=False, lineterminator="\n")
     log.info(
         "backtest: %d folds, total return %.4f, Sharpe %s (in-sample %s), deflated Sharpe %s, %d trades",
         len(folds),
