@@ -54,10 +54,20 @@ Reference constants (documented choices, not fitted): volume reference 1e6 USD (
 24 h volume of the detector), depth reference 1e6 USD (log10 = 6), spread reference 0.05 %, daily price
 volatility reference 3 % (a typical BTC day), cv cap 10, break-even cap 1000 h (about 6 weeks: far
 beyond the longest simulated hold, so the cap never changes a ranking between feasible holds).
+
+Two paths, one result: up to :data:`SMALL_ROWS` rows (the API and the edge runner score one entry at the
+9 holds of the grid) :func:`feature_matrix` works on Python floats, where NumPy's per-call overhead would
+dominate; more rows (training) take the vectorised NumPy path. The small path does the same IEEE
+operations in the same order (``+ - * /`` and ``sqrt`` are correctly rounded either way; ``log10``,
+``sin`` and ``cos`` are taken from NumPy in one call each, as libm and NumPy's SIMD ``log10`` differ in
+the last bit), so both give the same bits; a case whose bits depend on how NumPy orders signed zeros
+(a ``-0.0`` bid/ask spread or time to the next funding), and every error, is handed to the NumPy path.
 """
 
 from __future__ import annotations
 
+import math
+import struct
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -173,7 +183,14 @@ def feature_matrix(cols: Mapping[str, Any]) -> np.ndarray:
     ignored. Raises :class:`DataValidationError` on a missing column, a non-finite required value
     (ts_ms, hold_hours, fund_apr, fund_profit_8h, funding_spread), a hold <= 0 or an unknown
     strategy/regime label. Degenerate values get the documented substitutes of the module table.
+    Up to :data:`SMALL_ROWS` rows are computed on Python floats, bit-identical to the NumPy path.
     """
+    out = _small_feature_matrix(cols)
+    return _numpy_feature_matrix(cols) if out is None else out
+
+
+def _numpy_feature_matrix(cols: Mapping[str, Any]) -> np.ndarray:
+    """:func:`feature_matrix` vectorised with NumPy: the reference arithmetic, and the path of training."""
     missing = [c for c in INPUT_COLUMNS if c not in cols]
     if missing:
         raise DataValidationError(f"opportunity features: missing input columns {missing}")
@@ -272,6 +289,240 @@ def feature_matrix(cols: Mapping[str, Any]) -> np.ndarray:
         bad = [FEATURE_NAMES[j] for j in np.flatnonzero(~np.isfinite(out).all(axis=0))]
         raise DataValidationError(f"opportunity features: non-finite values in {bad} (check input magnitudes)")
     return out
+
+
+# --- small-row path ----------------------------------------------------------------------------------
+
+# Limits of the Python path: beyond them NumPy's per-element speed wins over its per-call overhead.
+SMALL_ROWS = 128  # rows (an entry repeated at each hold of the grid costs ~1 us per row)...
+SMALL_ENTRIES = 16  # ...and distinct entry snapshots among them (each costs a few microseconds)
+
+_LABELS = ("strategy", "regime")
+_NUMERIC = tuple(c for c in INPUT_COLUMNS if c not in _LABELS)  # ts_ms, hold_hours, fund_apr, ...
+_ONE_HOT = {
+    "strategy": {s: tuple(1.0 if s == t else 0.0 for t in STRATEGIES) for s in STRATEGIES},
+    "regime": {r: tuple(1.0 if r == t else 0.0 for t in REGIMES) for r in REGIMES},
+}
+# An entry's numeric inputs as their exact bits: a dict key on the floats would merge 0.0 and -0.0.
+_PACK_ENTRY = struct.Struct(f"<{len(_NUMERIC) - 1}d").pack
+_TWO_PI = 2 * np.pi  # the NumPy path's `2 * np.pi * x / d` is (2 pi * x) / d
+_SQRT_1440 = float(np.sqrt(1440.0))
+_INF = math.inf
+_FLOAT64 = np.dtype(np.float64)
+# The small path writes the first six features by position: hold, apr, profit 8 h, break-even, and the two
+# hold-dependent ones (hold_minus_break_even_hours = 4, projected_funding_pct = 5).
+if FEATURE_NAMES[:6] != ("hold_hours", "fund_apr", "fund_profit_8h", "break_even_hours", *HOLD_FEATURES[1:]):
+    raise AssertionError("the small-row path's column positions are out of sync with FEATURE_NAMES")
+
+
+def _float_list(values: Any) -> list[float] | None:
+    """``values`` as the Python floats ``np.asarray(values, dtype=np.float64)`` holds, when 1-D and short."""
+    if type(values) is np.ndarray and values.dtype is _FLOAT64 and values.ndim == 1:  # the usual case, first
+        return values.tolist() if values.size <= SMALL_ROWS else None
+    if type(values) is list and len(values) <= SMALL_ROWS and all(type(x) is float for x in values):
+        return values
+    try:
+        arr = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if arr.ndim != 1 or arr.size > SMALL_ROWS:  # checked before tolist: a training column is long
+        return None
+    out: list[float] = arr.tolist()
+    return out
+
+
+def _small_inputs(cols: Mapping[str, Any]) -> tuple[list[list[float]], list[list[str]]] | None:
+    """The numeric inputs (in :data:`_NUMERIC` order) as lists of Python floats and the two label columns
+    as lists of str, all of one length 1..SMALL_ROWS; None for anything else (missing, 2-D, broadcast)."""
+    numeric: list[list[float]] = []
+    for name in _NUMERIC:
+        values = _float_list(cols.get(name))
+        if values is None:  # also a missing column (np.asarray(None) is 0-d)
+            return None
+        numeric.append(values)
+        # More distinct ts_ms, or (ts_ms, fund_apr) pairs, than entries allowed: stop before converting the rest.
+        if name == "ts_ms" and len(set(values)) > SMALL_ENTRIES:
+            return None
+        if name == "fund_apr" and len(set(zip(numeric[0], values, strict=False))) > SMALL_ENTRIES:
+            return None
+    n = len(numeric[0])
+    if any(len(values) != n for values in numeric):
+        return None
+    labels: list[list[str]] = []
+    for name in _LABELS:
+        v: Any = cols.get(name)
+        if isinstance(v, np.ndarray):
+            v = v.tolist() if v.ndim == 1 else None
+        if type(v) not in (list, tuple) or len(v) != n or not all(type(x) is str for x in v):
+            return None
+        labels.append(list(v))
+    return (numeric, labels) if n else None
+
+
+def _small_feature_matrix(cols: Mapping[str, Any]) -> np.ndarray | None:
+    """:func:`_numpy_feature_matrix` on Python floats, or None to defer to it (beyond the limits, other
+    shapes or types, any error, a signed-zero case). Each expression mirrors its NumPy counterpart
+    operation by operation; tests check that the two agree bit for bit."""
+    inputs = _small_inputs(cols)
+    if inputs is None:
+        return None
+    numeric, (strategies, regimes) = inputs
+    holds = numeric[1]
+    if not all(0.0 < h < _INF for h in holds):
+        return None
+    # The API and the runner repeat one entry at every hold of the grid: its hold-free part is computed once.
+    columns: list[list[Any]] = [numeric[0], *numeric[2:], strategies, regimes]  # 15 floats, strategy, regime
+    entries: list[tuple[Any, ...]] = []
+    slots: list[int] = []
+    if all(_constant(column) for column in columns):
+        entries, slots = [tuple(column[0] for column in columns)], [0] * len(holds)
+    else:  # keyed by the exact bits of the floats: a tuple of floats would merge 0.0 and -0.0
+        slot_of: dict[tuple[bytes, str, str], int] = {}
+        for entry in zip(*columns, strict=True):
+            key = (_PACK_ENTRY(*entry[:-2]), entry[-2], entry[-1])
+            slot = slot_of.get(key, -1)
+            if slot < 0:
+                if len(entries) == SMALL_ENTRIES:
+                    return None
+                slot = slot_of[key] = len(entries)
+                entries.append(entry)
+            slots.append(slot)
+    rows = _entry_rows(entries)
+    if rows is None:
+        return None
+    # The hold columns of each row as the NumPy path computes them: hold, hold - be, fund_8h * hold / 8.
+    hold_minus_be = [hold - rows[u][3] for hold, u in zip(holds, slots, strict=True)]
+    projected = [rows[u][2] * hold / 8.0 for hold, u in zip(holds, slots, strict=True)]
+    if not _all_finite([*rows, projected]):  # hold - be is finite: hold is, and 0 <= be <= 1000
+        return None  # the NumPy path names the non-finite features
+    out = np.array(rows, dtype=np.float64)
+    if len(entries) < len(holds):
+        out = out[slots]
+    out[:, 0] = holds
+    out[:, 4] = hold_minus_be
+    out[:, 5] = projected
+    return out
+
+
+def _constant(column: list[Any]) -> bool:
+    """Whether every value of ``column`` has the bits of the first (list.count is exact but for 0.0 == -0.0;
+    NaNs match only as the same object, which then has the same bits)."""
+    first = column[0]
+    if column.count(first) != len(column):
+        return False
+    return first != 0.0 or len({math.copysign(1.0, x) for x in column}) == 1
+
+
+def _all_finite(rows: list[Any]) -> bool:
+    """Whether every float in ``rows`` (sequences of floats) is finite; a finite sum says so at once."""
+    return math.isfinite(sum(map(sum, rows))) or all(math.isfinite(x) for row in rows for x in row)
+
+
+def _entry_rows(entries: list[tuple[Any, ...]]) -> list[tuple[float, ...]] | None:
+    """One feature row per entry (its 15 floats, strategy, regime; the three hold columns left at 0.0), or
+    None to defer to NumPy."""
+    k = len(entries)
+    heads: list[tuple[float, ...]] = []  # values needed once log10 / sin / cos are known
+    log_args = [0.0] * (2 * k)  # volume ratios, then 1 + depth
+    angles = [0.0] * (2 * k)  # hour angles, then weekday angles
+    for u, entry in enumerate(entries):
+        ts, apr, f8, be, spread, avg24, avg3d, cv, ret_vol, volume, depth, ba, proxy, next_f, btc, strategy, regime = (
+            entry
+        )
+        if not (-_INF < ts < _INF and -_INF < apr < _INF and -_INF < f8 < _INF and -_INF < spread < _INF):
+            return None
+        strategy_hot = _ONE_HOT["strategy"].get(strategy)
+        regime_hot = _ONE_HOT["regime"].get(regime)
+        if strategy_hot is None or regime_hot is None:
+            return None
+        if not (-_INF < be < _INF) or be < 0 or be > BREAK_EVEN_CAP_HOURS:
+            be = BREAK_EVEN_CAP_HOURS
+        if not -_INF < avg24 < _INF:
+            avg24 = spread
+        if not -_INF < avg3d < _INF:
+            avg3d = spread
+        m24 = (spread - avg24) * 1e4
+        m3d = (spread - avg3d) * 1e4
+        if m24 > 0 and m3d > 0:  # sign(m24) * min(|m24|, |m3d|), as the max when both < 0
+            trend = m24 if m24 < m3d else m3d
+        elif m24 < 0 and m3d < 0:
+            trend = m24 if m24 > m3d else m3d
+        else:
+            trend = 0.0
+        if not (-_INF < cv < _INF) or cv < 0 or cv > CV_CAP:
+            cv = CV_CAP
+        if not (-_INF < ret_vol < _INF) or ret_vol < 0:
+            ret_vol = 0.0
+        vol_daily_pct = ret_vol * _SQRT_1440 * 100.0
+        if not -_INF < volume < _INF:
+            volume = 0.0
+        if not -_INF < depth < _INF:
+            depth = 0.0
+        if not -_INF < ba < _INF or ba < 0.0:
+            ba = 0.0
+        elif ba == 0.0 and math.copysign(1.0, ba) < 0:
+            return None  # np.maximum(-0.0, 0.0): which zero comes out is NumPy's choice
+        if not -_INF < proxy < _INF:
+            proxy = 1.0
+        if -_INF < next_f < _INF:
+            to_next = (next_f - ts) / MS_PER_HOUR
+            if to_next == 0.0 and math.copysign(1.0, to_next) < 0:
+                return None  # np.clip(-0.0, 0, 24): as for the spread
+            if to_next < 0.0:
+                to_next = 0.0
+            elif to_next > NEXT_FUNDING_CAP_HOURS:
+                to_next = NEXT_FUNDING_CAP_HOURS
+        else:
+            to_next = 0.0
+        if not -_INF < btc < _INF:
+            btc = 0.0
+        log_args[u] = (volume if volume > 1.0 else 1.0) / VOLUME_REF_USD
+        log_args[k + u] = 1.0 + (depth if depth > 0.0 else 0.0)
+        angles[u] = _TWO_PI * ((ts % MS_PER_DAY) / MS_PER_HOUR) / 24.0
+        angles[k + u] = _TWO_PI * ((math.floor(ts / MS_PER_DAY) + 3.0) % 7.0) / 7.0
+        heads.append(
+            (
+                apr,
+                f8,
+                be,
+                spread,
+                avg24,
+                avg3d,
+                m24,
+                m3d,
+                trend,
+                cv,
+                vol_daily_pct,
+                ba,
+                proxy,
+                to_next,
+                btc,
+                *strategy_hot,
+                *regime_hot,
+            )
+        )
+
+    # libm and NumPy's SIMD log10 differ in the last bit: NumPy's, as in the NumPy path, one call each.
+    logs = np.log10(np.array(log_args)).tolist()
+    angle_arr = np.array(angles)
+    sines, cosines = np.sin(angle_arr).tolist(), np.cos(angle_arr).tolist()
+    rows: list[tuple[float, ...]] = []
+    for u in range(k):
+        apr, f8, be, spread, avg24, avg3d, m24, m3d, trend, cv, vol_daily_pct, ba, proxy, to_next, btc, *hot = heads[u]
+        vol_risk = vol_daily_pct / PRICE_VOL_REF_PCT + cv
+        log_depth = logs[k + u]
+        depth_term = log_depth / DEPTH_REF_LOG10
+        liquidity = (depth_term if depth_term < 2.0 else 2.0) / (1.0 + ba / SPREAD_REF_PCT)
+        rows.append(
+            (
+                0.0, apr, f8, be, 0.0, 0.0,
+                spread * 1e4, avg24 * 1e4, avg3d * 1e4, m24, m3d, trend, cv, 1.0 / (1.0 + cv), vol_daily_pct,
+                vol_risk, logs[u], log_depth, ba, liquidity, proxy, to_next,
+                sines[u], cosines[u], sines[k + u], cosines[k + u],
+                *hot, btc, apr * liquidity, apr / (1.0 + vol_risk),
+            )
+        )  # fmt: skip
+    return rows
 
 
 def opportunity_features(table: pd.DataFrame) -> pd.DataFrame:
