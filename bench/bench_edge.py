@@ -1,7 +1,9 @@
 """Edge runner figures: one decision (streaming features + every price model + the strategy and its orders),
 one opportunity-grid decision (detection + the three opportunity models + the rule scorer + paper picks),
-and `cryptoml live` with every model loaded: start time and peak RSS against the local stub exchange
-(targets: <= 1 ms p99 per decision, <= 150 MiB RSS).
+and `cryptoml live` with every model loaded: start time and peak RSS against the local stub exchange serving
+the real recorded Binance USDⓈ-M exchangeInfo (122 symbols), REST polling alone and with the websocket bar
+feed on (``--ws --ws-url`` against the kline websocket stub, ``tests/support/stub_ws.py``); targets: <= 1 ms
+p99 per decision, <= 150 MiB RSS.
 
 **What "one decision" is.** :meth:`cryptoml.edge.runner.Runner.decide_bar` on a bar already in memory:
 the 19 streaming technical features, ``price_lgbm`` and ``price_cnn_lstm`` (the Keras CNN+LSTM on its
@@ -12,8 +14,15 @@ what the scorer needs (snapshots exist every 5 minutes); that grid decision is m
 figure comes with its CPU-time twin (``time.thread_time``): on this shared 2-core machine wall-clock p99
 is mostly other processes' scheduling, CPU time is what the code costs.
 
+**The websocket run.** The runner's clock runs ``WS_CLOCK_SPEED`` times real time; after the 48 h REST
+catch-up it follows ``WS_BARS`` bars that the websocket stub streams (Binance kline events, in-progress
+updates then the closing one) a little ahead of the runner's clock, so that they come from the stream
+(``stream_bars``), REST filling in only until the stream links up. Its peak RSS is the process's with ccxt.pro
+connected, the async client's own markets loaded and the websocket's buffers live.
+
 Models: the pipeline's bundles in ``models/`` (run ``make run`` first); the bars are the real BTC/USDT
-month of ../shared/data when present, else a seeded random walk.
+month of ../shared/data when present, else a seeded random walk; the exchangeInfo bodies are the recorded
+ones of ../shared/data when present, else the stub's generated entries.
 """
 
 from __future__ import annotations
@@ -37,6 +46,11 @@ MODELS = ROOT / "models"
 DATA = ROOT / ".." / "shared" / "data"
 MONTH = DATA / "binance_spot_btcusdt_1m_20230417-20230517.parquet"
 FUNDING = DATA / "funding_rates_binance_8h.csv"
+FAPI_INFO = DATA / "binance_fapi_v1_exchangeInfo_20210722.json"  # real USDⓈ-M exchangeInfo, 122 symbols
+RSS_LIMIT_MIB = 150.0
+WS_BARS = 180  # bars the websocket run follows after its catch-up
+WS_CLOCK_SPEED = 300.0  # simulated seconds per wall second there: a bar every 0.2 s
+WS_LEAD_BARS = 2  # the stub streams a bar this many bars before the runner's clock closes it
 N_DECISIONS = 12_000
 WARMUP_BARS = 200  # features (60) and the Keras window (120) filled before timing starts
 SYMBOL = "BTC/USDT:USDT"
@@ -161,7 +175,8 @@ def grid_latency(bars: pd.DataFrame) -> dict[str, Any]:
         while settlements and settlements[0][0] <= int(ts) + 60_000:  # in time order, as the exchange publishes
             market.add_funding(SYMBOL, *settlements.pop(0))
         market.add_bar(SYMBOL, int(ts), o, h, lo, c, v)
-        market.add_bar("BTC/USDT", int(ts), o * 0.9998, h * 0.9998, lo * 0.9998, c * 0.9998, v)
+        market.add_bar("BTC/USDT", int(ts), o * 0.9998, h * 0.9998, lo * 0.9998, c * 0.9998, v,
+                       exchange=scorer.spot_exchange)  # fmt: skip
         close_ms = int(ts) + 60_000
         if i < start or not scorer.on_grid_time(close_ms):
             continue
@@ -210,13 +225,32 @@ def _peak_rss_kib(proc: subprocess.Popen[str]) -> dict[str, int]:
     return peak
 
 
+def _exchange_infos() -> dict[str, Any]:
+    """The stub's recorded exchangeInfo bodies (USDⓈ-M: 122 symbols; spot, trimmed) where ../shared/data has them."""
+    from tests.support.stub_exchange import SPOT_EXCHANGE_INFO
+
+    return {
+        "exchange_info": json.loads(FAPI_INFO.read_text()) if FAPI_INFO.is_file() else None,
+        "spot_exchange_info": json.loads(SPOT_EXCHANGE_INFO.read_text()) if SPOT_EXCHANGE_INFO.is_file() else None,
+    }
+
+
+def _live_params(tmp: str) -> list[str]:
+    """``--params`` of a params.yaml as the default but ``market.symbols``: the stub serves BTC only, so the
+    scorer scans BTC (ETH and SOL would be empty series here)."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["market"]["symbols"] = [SYMBOL]
+    (Path(tmp) / "params.yaml").write_text(yaml.safe_dump(params))
+    return ["--params", f"{tmp}/params.yaml"]
+
+
 def runner_start_and_rss(bars: pd.DataFrame) -> dict[str, float]:
     """`cryptoml live` (default params but ``market.symbols``: every model, the opportunity scorer on) against
     the stub, replaying 48 h of catch-up (``live.buffer_hours``) and 5 h more on an accelerated clock."""
-    from tests.support.stub_exchange import SPOT_EXCHANGE_INFO, StubExchange
+    from tests.support.stub_exchange import StubExchange
 
-    info = json.loads(SPOT_EXCHANGE_INFO.read_text()) if SPOT_EXCHANGE_INFO.is_file() else None
-    with StubExchange(spot_exchange_info=info) as stub, tempfile.TemporaryDirectory() as tmp:
+    infos = _exchange_infos()
+    with StubExchange(**infos) as stub, tempfile.TemporaryDirectory() as tmp:
         _serve(stub, bars)
         start = int(bars["ts_ms"].iloc[4 * 1440])
         iso = pd.Timestamp(start, unit="ms", tz="UTC").strftime("%Y-%m-%dT%H:%M")
@@ -225,11 +259,7 @@ def runner_start_and_rss(bars: pd.DataFrame) -> dict[str, float]:
                 "binanceusdm", "--symbol", SYMBOL, "--models", str(MODELS), "--clock-start", iso,
                 "--clock-speed", "1000000", "--log-level", "WARNING"]  # fmt: skip
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        # The stub serves BTC only: the scorer scans BTC (ETH and SOL would be empty series here).
-        params = yaml.safe_load((ROOT / "params.yaml").read_text())
-        params["market"]["symbols"] = [SYMBOL]
-        (Path(tmp) / "params.yaml").write_text(yaml.safe_dump(params))
-        base += ["--params", f"{tmp}/params.yaml"]
+        base += _live_params(tmp)
         # Start-up: process start to the first committed bar (imports, five models, markets, 74 h of history).
         t0 = time.perf_counter()
         subprocess.run([*base, "--state", f"{tmp}/first.sqlite", "--max-bars", "1"], cwd=ROOT, env=env,
@@ -258,6 +288,84 @@ def runner_start_and_rss(bars: pd.DataFrame) -> dict[str, float]:
         "startup_seconds": imports_and_models,
         "first_bar_seconds": first_bar,
         "peak_rss_mib": peak["kib"] / 1024.0,
+        "exchange_info_symbols": len(infos["exchange_info"]["symbols"]) if infos["exchange_info"] else 0,
+    }
+
+
+def _stream_ahead_of(
+    proc: subprocess.Popen[str], ws: Any, origin_ms: int, launched_s: float
+) -> tuple[threading.Thread, dict[str, int]]:
+    """Stream the stub's bars as the runner's clock reaches them, in a thread that ends with ``proc``.
+
+    The runner's clock started a little after ``launched_s`` (its imports), so ``origin_ms`` + the wall time
+    since ``launched_s`` x WS_CLOCK_SPEED is at or ahead of it: bars closing up to there, plus
+    WS_LEAD_BARS, are streamed (the bars before the first connection are skipped: nobody is told)."""
+    counts = {"streamed": 0, "skipped": 0}
+    close_ms = ws.bars[:, 0].astype(np.int64) + 60_000
+
+    def ahead() -> int:  # bars the stream should have closed by now
+        upper_ms = origin_ms + (time.monotonic() - launched_s) * WS_CLOCK_SPEED * 1000 + WS_LEAD_BARS * 60_000
+        return int(np.searchsorted(close_ms, upper_ms, side="right"))
+
+    def play() -> None:
+        try:
+            ws.wait_subscribers(1, timeout=300)
+        except TimeoutError:
+            return
+        counts["skipped"] = len(ws.skip(max(ahead() - 1, 0)))
+        while proc.poll() is None and ws.cursor < len(ws.bars):
+            n = min(ahead(), len(ws.bars)) - ws.cursor
+            if n > 0:
+                counts["streamed"] += len(ws.emit(n))
+            time.sleep(0.02)
+
+    thread = threading.Thread(target=play, name="bench-ws-clock", daemon=True)
+    thread.start()
+    return thread, counts
+
+
+def runner_ws_rss(bars: pd.DataFrame) -> dict[str, float]:
+    """`cryptoml live --ws --ws-url` (default params but ``market.symbols``): the REST catch-up, then
+    WS_BARS bars taken from the websocket stub; peak RSS against RSS_LIMIT_MIB."""
+    from tests.support.stub_exchange import StubExchange
+    from tests.support.stub_ws import StubKlineServer
+
+    infos = _exchange_infos()
+    rows = bars[["ts_ms", "open", "high", "low", "close", "volume"]].to_numpy(dtype=np.float64)
+    start = int(bars["ts_ms"].iloc[4 * 1440])
+    until = start + WS_BARS * 60_000
+
+    def iso(ts_ms: int) -> str:
+        return pd.Timestamp(ts_ms, unit="ms", tz="UTC").strftime("%Y-%m-%dT%H:%M")
+
+    with (
+        StubExchange(**infos) as stub,
+        StubKlineServer(rows) as ws,
+        tempfile.TemporaryDirectory() as tmp,
+    ):
+        _serve(stub, bars)
+        cmd = [sys.executable, "-m", "flows.cli", "live", "--paper", "--api-url", stub.url, "--ws", "--ws-url",
+               ws.url, "--exchange", "binanceusdm", "--symbol", SYMBOL, "--models", str(MODELS), "--clock-start",
+               iso(start), "--clock-speed", str(WS_CLOCK_SPEED), "--until", iso(until), "--state",
+               f"{tmp}/ws.sqlite", "--log-level", "WARNING", *_live_params(tmp)]  # fmt: skip
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        launched = time.monotonic()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        player, counts = _stream_ahead_of(proc, ws, start, launched)
+        peak = _peak_rss_kib(proc)
+        elapsed = time.monotonic() - launched
+        player.join(timeout=10)
+        stdout, stderr = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"cryptoml live --ws failed with status {proc.returncode}: {stderr[-2000:]}")
+        summary = json.loads(stdout.strip().splitlines()[-1])
+    return {
+        "bars_processed": summary["bars"],
+        "stream_bars": summary["stream_bars"],
+        "ws_bars_streamed": counts["streamed"],
+        "run_seconds": elapsed,
+        "peak_rss_mib": peak["kib"] / 1024.0,
+        "exchange_info_symbols": len(infos["exchange_info"]["symbols"]) if infos["exchange_info"] else 0,
     }
 
 
@@ -283,5 +391,10 @@ def run() -> dict[str, object]:
           f"first committed bar after {live['first_bar_seconds']:.1f} s, "
           f"{live['bars_processed']} bars in {live['run_seconds']:.1f} s "
           f"({live['per_bar_ms_including_commit']:.1f} ms/bar with fetches, scorer and the SQLite commit), "
-          f"peak RSS {live['peak_rss_mib']:.0f} MiB")  # fmt: skip
-    return {"decision": decision, "grid": grid, "live": live}
+          f"peak RSS {live['peak_rss_mib']:.0f} MiB (limit {RSS_LIMIT_MIB:.0f}; "
+          f"exchangeInfo of {live['exchange_info_symbols']} symbols)")  # fmt: skip
+    ws = runner_ws_rss(bars)
+    print(f"cryptoml live --ws (websocket bar feed on): {ws['bars_processed']} bars, {ws['stream_bars']} of them "
+          f"from the stream, in {ws['run_seconds']:.1f} s; peak RSS {ws['peak_rss_mib']:.0f} MiB "
+          f"(limit {RSS_LIMIT_MIB:.0f}; exchangeInfo of {ws['exchange_info_symbols']} symbols)")  # fmt: skip
+    return {"decision": decision, "grid": grid, "live": live, "live_ws": ws}

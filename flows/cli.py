@@ -636,10 +636,11 @@ def live(
     def body() -> dict[str, Any]:
         import time as _time
 
-        from cryptoml.edge.runner import ModelSource, Runner, check_symbol, register_lean_ccxt
+        from cryptoml.market.lean_ccxt import prepare
 
-        register_lean_ccxt()  # before anything imports ccxt: ~35 MiB less (the edge's budget is 150 MiB)
+        prepare()  # before anything imports ccxt: one exchange's modules, not ~100 (the edge's budget is 150 MiB)
         from cryptoml.config import load_params, parse_utc_ms, replace_section
+        from cryptoml.edge.runner import ModelSource, Runner, check_symbol
         from cryptoml.edge.state import StateStore
         from cryptoml.market.exchange import make_exchange
 
@@ -708,6 +709,7 @@ def _live_scorer(p: Any, client: Any, symbol: str, api_url: str | None) -> Any:
     return OpportunityScorer(
         exchange=p.live.exchange, perp_client=client, spot_client=spot, bases=bases, quote=quote,
         snapshot_params=p.snapshots, opportunity_params=p.opportunities, simulate_params=p.simulate,
+        spot_exchange=spot_id,  # the spot legs' venue: their series and their taker fee
     )  # fmt: skip
 
 
@@ -723,9 +725,9 @@ def _live_bar_feed(
 
     if ws is False or (ws is None and api_url is not None and ws_url is None):
         return None
-    from cryptoml.edge.stream import KlineStream, pro_exchange_class
+    from cryptoml.edge.stream import KlineStream, watch_ohlcv_class
 
-    if pro_exchange_class(exchange_id) is None:
+    if watch_ohlcv_class(exchange_id) is None:
         if ws:
             raise ConfigError(f"--ws: ccxt.pro has no watchOHLCV for {exchange_id}; run with --no-ws")
         logging.getLogger("cryptoml.live").info("%s has no ccxt.pro watchOHLCV: polling REST only", exchange_id)

@@ -21,8 +21,10 @@ batch modules for the full definitions):
   schedule; regime from the BTC trailing return over ``regime_lookback_hours``.
 - **Opportunities** (:func:`detect_live`): spot-perp per exchange x base and cross-exchange perp-perp per
   base and exchange pair, rates scaled to 8 h, fund_* projections, break-even hours (4 taker fees + 4
-  slippages), leg aggregates, :class:`OpportunityParams` thresholds and liquidity status, exactly as the
-  batch. ``spread_volatility_cv`` is the population std / |mean| of the pair's funding spread over the
+  slippages, each leg at its own venue's fee), leg aggregates, :class:`OpportunityParams` thresholds and
+  liquidity status, exactly as the batch. A derivatives-only venue's spot legs can live on another venue
+  (``spot_exchanges``: Binance spot beside Binance USDⓈ-M); the batch store keeps both under one name.
+  ``spread_volatility_cv`` is the population std / |mean| of the pair's funding spread over the
   snapshot grid times (multiples of ``interval_minutes``) in (now - 3 d, now] where the pair had a row,
   plus now itself when now is off the grid: the batch row at a grid time is the same number.
 
@@ -497,12 +499,20 @@ def _liquidity(
 
 
 def _btc_stats(
-    market: LiveMarket, exchanges: Sequence[str], quote: str, now_ms: int, p: SnapshotParams
+    market: LiveMarket,
+    exchanges: Sequence[str],
+    quote: str,
+    now_ms: int,
+    p: SnapshotParams,
+    spot_venues: Mapping[str, str],
 ) -> tuple[float, float, float, str]:
     """BTC price, 24 h USD volume, trailing return and regime: the btc_base perp of the first exchange
-    holding one, else its spot (the batch rule)."""
-    for symbol in (perp_symbol(p.btc_base, quote), spot_symbol(p.btc_base, quote)):
-        for ex in exchanges:
+    holding one, else its spot (on the exchange's spot venue; the batch rule)."""
+    for symbol, venues in (
+        (perp_symbol(p.btc_base, quote), list(exchanges)),
+        (spot_symbol(p.btc_base, quote), [spot_venues[ex] for ex in exchanges]),
+    ):
+        for ex in venues:
             view = market._bar_view((ex, symbol), now_ms)
             if view is None:
                 continue
@@ -532,6 +542,7 @@ class _PerpRow:
     grid_ok: np.ndarray  # the perp had a snapshot row at each grid time
     grid_rate: np.ndarray  # its funding rate there, scaled to 8 h
     spot_grid_ok: np.ndarray | None  # ... and a fresh spot price (None: no spot market held)
+    spot_exchange: str  # the venue of the spot leg (the perp's own exchange unless spot_exchanges says)
 
 
 def _grid_times(now_ms: int, step_ms: int) -> np.ndarray:
@@ -542,12 +553,24 @@ def _grid_times(now_ms: int, step_ms: int) -> np.ndarray:
 
 
 def _check_args(
-    market: LiveMarket, now_ms: Any, exchange: str | Sequence[str], bases: Sequence[str], quote: str, p: SnapshotParams
-) -> tuple[int, list[str]]:
+    market: LiveMarket,
+    now_ms: Any,
+    exchange: str | Sequence[str],
+    bases: Sequence[str],
+    quote: str,
+    p: SnapshotParams,
+    spot_exchanges: Mapping[str, str] | None,
+) -> tuple[int, list[str], dict[str, str]]:
     now = _int_ms(now_ms, "now_ms")
     exchanges = [exchange] if isinstance(exchange, str) else list(exchange)
     if not exchanges or not all(isinstance(e, str) and e for e in exchanges):
         raise ConfigError(f"detect_live: exchange must be an exchange id or a non-empty list of them, got {exchange!r}")
+    spot_venues = {ex: ex for ex in exchanges}
+    for perp_ex, spot_ex in (spot_exchanges or {}).items():
+        if not (isinstance(spot_ex, str) and spot_ex):
+            raise ConfigError(f"detect_live: spot_exchanges[{perp_ex!r}] must be an exchange id, got {spot_ex!r}")
+        if perp_ex in spot_venues:
+            spot_venues[perp_ex] = spot_ex
     if isinstance(bases, str) or not bases or not quote:
         raise ConfigError(f"detect_live: bases must be a non-empty list and quote non-empty, got {bases!r}, {quote!r}")
     need_ms = max(p.regime_lookback_hours * HOUR_MS, CV_WINDOW_MS) + MAX_BAR_AGE_MINUTES * MINUTE_MS + market.bar_ms
@@ -561,16 +584,23 @@ def _check_args(
             f"LiveMarket keeps books {market.book_retention_ms / MINUTE_MS:g} min; snapshots.book_max_age_minutes "
             f"is {p.book_max_age_minutes}"
         )
-    return now, exchanges
+    return now, exchanges, spot_venues
 
 
 def _perp_rows(
-    market: LiveMarket, now: int, exchanges: Sequence[str], bases: Sequence[str], quote: str, p: SnapshotParams
+    market: LiveMarket,
+    now: int,
+    exchanges: Sequence[str],
+    bases: Sequence[str],
+    quote: str,
+    p: SnapshotParams,
+    spot_venues: Mapping[str, str],
 ) -> list[_PerpRow]:
-    btc_price, btc_volume, btc_ret, regime = _btc_stats(market, exchanges, quote, now, p)
+    btc_price, btc_volume, btc_ret, regime = _btc_stats(market, exchanges, quote, now, p, spot_venues)
     grid = _grid_times(now, p.interval_minutes * MINUTE_MS)
     rows = []
     for ex in exchanges:
+        spot_ex = spot_venues[ex]
         for base in dict.fromkeys(bases):
             perp, spot = perp_symbol(base, quote), spot_symbol(base, quote)
             view = market._bar_view((ex, perp), now)
@@ -595,13 +625,13 @@ def _perp_rows(
                 "btc_price": btc_price, "btc_volume_24h_usd": btc_volume, "btc_ret_trailing": btc_ret,
                 "regime": regime,
             }  # fmt: skip
-            spot_view = market._bar_view((ex, spot), now)
+            spot_view = market._bar_view((spot_ex, spot), now)
             spot_grid_ok = None
             if spot_view is not None:
                 sbars = _bar_stats(spot_view, now, market.bar_ms)
                 snap["spot_symbol"] = spot
                 if sbars.fresh:
-                    sspread, sdepth, sproxy = _liquidity(market, (ex, spot), sbars, now, p)
+                    sspread, sdepth, sproxy = _liquidity(market, (spot_ex, spot), sbars, now, p)
                     snap["spot_price"] = sbars.price
                     snap["spot_volume_24h_usd"] = sbars.volume_24h_usd
                     snap["spot_bid_ask_spread_pct"] = sspread
@@ -618,6 +648,7 @@ def _perp_rows(
                     grid_ok=_fresh_at(view[0], grid) & known,
                     grid_rate=f_rate[np.maximum(k, 0)] * scale,
                     spot_grid_ok=spot_grid_ok,
+                    spot_exchange=spot_ex,
                 )
             )
     return rows
@@ -630,15 +661,19 @@ def live_snapshots(
     bases: Sequence[str],
     quote: str,
     snapshot_params: SnapshotParams,
+    *,
+    spot_exchanges: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """The snapshot rows at ``now_ms`` (keys and definitions of the batch ``SNAPSHOT_COLUMNS``).
 
     One row per exchange x base whose perp has a fresh closed bar and a known funding rate, in the order
-    of ``exchange`` then ``bases``; missing spot values are NaN. Raises DataValidationError when no BTC
-    series is held for the regime, ConfigError for bad arguments or buffers too short for the params.
+    of ``exchange`` then ``bases``; missing spot values are NaN. ``spot_exchanges``: where the spot
+    market of a perp exchange is held (see :func:`detect_live`); the row's ``exchange`` is the perp's.
+    Raises DataValidationError when no BTC series is held for the regime, ConfigError for bad arguments
+    or buffers too short for the params.
     """
-    now, exchanges = _check_args(market, now_ms, exchange, bases, quote, snapshot_params)
-    return [row.snapshot for row in _perp_rows(market, now, exchanges, bases, quote, snapshot_params)]
+    now, exchanges, spots = _check_args(market, now_ms, exchange, bases, quote, snapshot_params, spot_exchanges)
+    return [row.snapshot for row in _perp_rows(market, now, exchanges, bases, quote, snapshot_params, spots)]
 
 
 # --- opportunities -------------------------------------------------------------------------------------
@@ -668,7 +703,7 @@ def _perp_leg(row: _PerpRow) -> dict[str, Any]:
 def _spot_leg(row: _PerpRow) -> dict[str, Any]:
     s = row.snapshot
     return {
-        "exchange": s["exchange"], "market": "spot", "symbol": s["spot_symbol"], "price": s["spot_price"],
+        "exchange": row.spot_exchange, "market": "spot", "symbol": s["spot_symbol"], "price": s["spot_price"],
         "rate": 0.0, "avg24": 0.0, "avg3d": 0.0, "spread": s["spot_bid_ask_spread_pct"],
         "depth": s["spot_orderbook_depth_usd"], "volume": s["spot_volume_24h_usd"],
     }  # fmt: skip
@@ -765,18 +800,27 @@ def detect_live(
     snapshot_params: SnapshotParams,
     opportunity_params: OpportunityParams,
     simulate_params: SimulateParams,
+    *,
+    spot_exchanges: Mapping[str, str] | None = None,
 ) -> list[dict[str, Any]]:
     """Funding-arbitrage opportunities at ``now_ms`` from what ``market`` knew by then (see the module doc).
 
     ``exchange``: one exchange id (spot-perp only) or several (cross-exchange pairs too); its order picks
-    the BTC series of the regime, as the batch's exchange list does. Each row is a dict with the keys of
-    :data:`LIVE_OPPORTUNITY_KEYS` (every name of ``INPUT_COLUMNS`` but ``hold_hours``, which the scorer
-    varies, plus the ids: ``opportunity_id``, legs' exchange / market / symbol, ``direction``), plain
-    Python values, ``ts_ms = now_ms``. Rows failing a threshold of ``opportunity_params`` are left out;
-    the rest are sorted by ``opportunity_id``. Raises DataValidationError when no BTC series is held.
+    the BTC series of the regime, as the batch's exchange list does. ``spot_exchanges``: perp exchange ->
+    the venue whose spot market pairs with its perps, for a derivatives-only venue (``{"binanceusdm":
+    "binance"}``); by default an exchange's spot is held under its own name, as in the batch store. The
+    spot leg of a spot-perp row names that venue (``long_exchange`` / ``short_exchange``, so also the
+    ``opportunity_id``), and its taker fee is that venue's (``simulate_params.fee_bps``) in
+    ``break_even_hours`` and in the paper positions, as the batch simulator prices each leg.
+
+    Each row is a dict with the keys of :data:`LIVE_OPPORTUNITY_KEYS` (every name of ``INPUT_COLUMNS``
+    but ``hold_hours``, which the scorer varies, plus the ids: ``opportunity_id``, legs' exchange / market
+    / symbol, ``direction``), plain Python values, ``ts_ms = now_ms``. Rows failing a threshold of
+    ``opportunity_params`` are left out; the rest are sorted by ``opportunity_id``. Raises
+    DataValidationError when no BTC series is held.
     """
-    now, exchanges = _check_args(market, now_ms, exchange, bases, quote, snapshot_params)
-    rows = _perp_rows(market, now, exchanges, bases, quote, snapshot_params)
+    now, exchanges, spots = _check_args(market, now_ms, exchange, bases, quote, snapshot_params, spot_exchanges)
+    rows = _perp_rows(market, now, exchanges, bases, quote, snapshot_params, spots)
     opps: list[dict[str, Any]] = []
     if "spot_perp" in opportunity_params.strategies:
         opps += _spot_perp(rows, opportunity_params.allow_short_spot, simulate_params)

@@ -44,26 +44,21 @@ bundle is loaded, checked (checksum, kind and feature list, a trial prediction, 
 at export replayed through this onnxruntime) and swapped in between two bars; a corrupt, mismatched or
 failing one is refused with a logged reason and the old model keeps running.
 
-Imports: numpy, onnxruntime (through the bundle loader), ccxt (given in by the caller), the standard
+Imports: numpy, onnxruntime (through the bundle loader), ccxt (the client is given in by the caller;
+``cryptoml live`` loads ccxt one exchange at a time through :mod:`cryptoml.market.lean_ccxt`), the standard
 library and the project's numpy-only modules: never pandas, tensorflow, mlflow or prefect.
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import ctypes
 import functools
-import importlib
-import importlib.util
 import itertools
 import logging
 import math
 import random
-import re
-import sys
 import time
-import types
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -110,70 +105,6 @@ def release_freed_memory() -> None:
     """
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-class _LeanPackage(types.ModuleType):
-    """``ccxt`` registered without running its ``__init__`` (which imports ~100 exchange modules, ~35 MiB).
-
-    ``ccxt.<id>`` imports that one exchange's module on first use and, like ccxt's ``__init__``, the
-    attribute is the class of the same name. Any other attribute not pre-set runs the real ``__init__``
-    first, so code that needs the whole package still gets it (only the memory saving is lost).
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and isinstance(getattr(value, name, None), type):
-            value = getattr(value, name)  # the import system sets ccxt.<id> = module; ccxt's API has the class
-        super().__setattr__(name, value)
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        try:
-            importlib.import_module(f"{self.__name__}.{name}")
-        except ModuleNotFoundError:
-            if not self.__dict__.get("_cryptoml_full"):
-                self.__dict__["_cryptoml_full"] = True
-                self.__spec__.loader.exec_module(self)  # type: ignore[union-attr]
-        try:
-            return self.__dict__[name]
-        except KeyError:
-            raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}") from None
-
-
-def register_lean_ccxt() -> bool:
-    """Make ``import ccxt`` cheap in this process (the edge's 150 MiB budget): the package is registered
-    with what the edge reads from it (the ``exchanges`` id list, the error classes, ``Exchange``,
-    ``__version__``) and every exchange module is imported on first use. Returns False (and does nothing)
-    when ccxt is already imported. Call it before anything imports ccxt (``cryptoml live`` does).
-    ccxt.pro's stream (:mod:`cryptoml.edge.stream`) registers itself the same way on top of it.
-    """
-    if "ccxt" in sys.modules:
-        return False
-    spec = importlib.util.find_spec("ccxt")
-    if spec is None or spec.origin is None or spec.submodule_search_locations is None:
-        return False
-    source = Path(spec.origin).read_text(encoding="utf-8")
-    listed = re.search(r"^exchanges = (\[.*?\])", source, re.S | re.M)
-    version = re.search(r"^__version__ = '([^']+)'", source, re.M)
-    if listed is None or version is None:  # another ccxt layout: import it the ordinary way
-        return False
-    module = _LeanPackage("ccxt")
-    for key, value in (
-        ("__spec__", spec), ("__loader__", spec.loader), ("__file__", spec.origin),
-        ("__path__", list(spec.submodule_search_locations)), ("__package__", "ccxt"),
-        ("exchanges", ast.literal_eval(listed.group(1))), ("__version__", version.group(1)),
-    ):  # fmt: skip
-        module.__dict__[key] = value
-    sys.modules["ccxt"] = module
-    try:
-        errors = importlib.import_module("ccxt.base.errors")
-        exchange = importlib.import_module("ccxt.base.exchange")
-    except BaseException:
-        del sys.modules["ccxt"]
-        raise
-    module.__dict__.update({name: getattr(errors, name) for name in errors.__all__})
-    module.__dict__.update(errors=errors, Exchange=exchange.Exchange)
-    return True
 
 
 # --- models ------------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from cryptoml.edge.opportunities import (
 )
 from cryptoml.edge.state import ArbitrageEntry, ArbitrageOutcome, Decision
 from cryptoml.errors import ConfigError, DataValidationError, SourceError
+from cryptoml.simulate.slippage import fee_frac
 
 log = logging.getLogger("cryptoml.live")
 
@@ -75,11 +76,13 @@ class OpportunityScorer:
     At each grid time ``now_ms`` (a bar close that is a multiple of ``snapshots.interval_minutes``):
 
     - :meth:`refresh` feeds the market through ccxt: the perps ``<base>/<quote>:<quote>`` from
-      ``perp_client`` (the runner's exchange) and the spots ``<base>/<quote>`` from ``spot_client`` (e.g.
-      ``binance`` beside ``binanceusdm``), stored under the runner's exchange label so that a spot and its
-      perp pair up (both legs then pay that label's fee in the cost model). Symbols a client does not list
-      are left out (logged once). Books are fetched only when the grid time is fresh: a book read now must
-      not stand for a moment long past;
+      ``perp_client`` (the runner's exchange) under ``exchange``, and the spots ``<base>/<quote>`` from
+      ``spot_client`` under ``spot_exchange``, the spot venue's own name (default
+      :func:`spot_exchange_id`: ``binance`` beside ``binanceusdm``). Detection pairs each perp with the
+      spot of its venue, and each leg pays its own venue's taker fee (``simulate.taker_fee_bps``) in the
+      break-even and on paper, as the batch simulator prices each leg by its exchange. Symbols a client
+      does not list are left out (logged once). Books are fetched only when the grid time is fresh: a book
+      read now must not stand for a moment long past;
     - :meth:`on_grid`: :func:`~cryptoml.edge.opportunities.detect_live` (spot-perp; cross-exchange pairs
       need a second perp venue), then per opportunity **two decisions**: ``opportunity_ml`` (the ONNX
       profit / success / hold models: composite score, best hold, Kelly size, model version) and
@@ -110,10 +113,14 @@ class OpportunityScorer:
         snapshot_params: SnapshotParams,
         opportunity_params: OpportunityParams,
         simulate_params: SimulateParams,
+        spot_exchange: str | None = None,
     ) -> None:
         if isinstance(bases, str) or not bases or not quote:
             raise ConfigError(f"OpportunityScorer: bases and quote are required, got {bases!r}, {quote!r}")
+        if spot_exchange is not None and (not isinstance(spot_exchange, str) or not spot_exchange):
+            raise ConfigError(f"OpportunityScorer: spot_exchange must be an exchange id, got {spot_exchange!r}")
         self.exchange = exchange
+        self.spot_exchange = spot_exchange or spot_exchange_id(exchange)
         self.perp_client = perp_client
         self.spot_client = spot_client
         self.bases = tuple(dict.fromkeys(bases))
@@ -126,7 +133,7 @@ class OpportunityScorer:
         self.positions: dict[str, dict[str, Any]] = {}  # position id -> open paper position
         self.last_grid_ms: int | None = None
         self._refreshed_ms: int | None = None
-        self._symbols: list[tuple[Any, list[str]]] | None = None
+        self._symbols: list[tuple[Any, str, list[str]]] | None = None
 
     # -- state --
 
@@ -134,8 +141,24 @@ class OpportunityScorer:
         return {"positions": self.positions, "last_grid_ms": self.last_grid_ms}
 
     def load(self, data: Mapping[str, Any]) -> None:
-        self.positions = {str(k): dict(v) for k, v in data.get("positions", {}).items()}
+        self.positions = {str(k): self._relabel(dict(v)) for k, v in data.get("positions", {}).items()}
         self.last_grid_ms = data.get("last_grid_ms")
+
+    def _relabel(self, position: dict[str, Any]) -> dict[str, Any]:
+        """A pick saved before the spot legs carried their own venue (spot leg labelled with the perp
+        exchange, paying its fee): the spot leg moved to the spot venue, whose series the market holds now,
+        with that venue's fee; the opportunity id renamed alike so the pick is still recognised as held."""
+        old, new = f"{self.exchange}-spot", f"{self.spot_exchange}-spot"
+        if old == new or old not in str(position.get("opportunity_id", "")).split(":"):
+            return position
+        legs = [
+            {**leg, "exchange": self.spot_exchange, "fee": fee_frac(self.spot_exchange, self.simulate)}
+            if not leg["perp"] and leg["exchange"] == self.exchange
+            else leg
+            for leg in position["legs"]
+        ]
+        parts = [new if p == old else p for p in str(position["opportunity_id"]).split(":")]
+        return {**position, "legs": legs, "opportunity_id": ":".join(parts)}
 
     def on_grid_time(self, close_ms: int) -> bool:
         return close_ms % self.grid_ms == 0
@@ -149,13 +172,17 @@ class OpportunityScorer:
 
     # -- data --
 
-    def _listed(self) -> list[tuple[Any, list[str]]]:
-        """(client, the symbols it lists) for the perp and the spot client; loads their markets once."""
+    def _listed(self) -> list[tuple[Any, str, list[str]]]:
+        """(client, the exchange label its data is held under, the symbols it lists) for the perp and the
+        spot client; loads their markets once."""
         if self._symbols is None:
             from cryptoml.edge.runner import retryable  # local: the runner imports this module
 
             out = []
-            for client, suffix in ((self.perp_client, f":{self.quote}"), (self.spot_client, "")):
+            for client, label, suffix in (
+                (self.perp_client, self.exchange, f":{self.quote}"),
+                (self.spot_client, self.spot_exchange, ""),
+            ):
                 if client is None:
                     continue
                 wanted = [f"{b}/{self.quote}{suffix}" for b in self.bases]
@@ -168,7 +195,7 @@ class OpportunityScorer:
                 missing = [s for s in wanted if s not in client.markets]
                 if missing:
                     log.warning("opportunity scorer: %s does not list %s; left out", client.id, missing)
-                out.append((client, [s for s in wanted if s in client.markets]))
+                out.append((client, label, [s for s in wanted if s in client.markets]))
             self._symbols = out
         return self._symbols
 
@@ -177,10 +204,10 @@ class OpportunityScorer:
         ccxt's NetworkError propagates for the runner's retry with backoff."""
         if self._refreshed_ms == now_ms:
             return
-        for client, symbols in self._listed():
+        for client, label, symbols in self._listed():
             for symbol in symbols:
                 try:
-                    fetch_into(self.market, client, [symbol], now_ms, exchange=self.exchange, books=fresh)
+                    fetch_into(self.market, client, [symbol], now_ms, exchange=label, books=fresh)
                 except SourceError as e:  # one series the exchange refuses must not stop the others
                     log.warning("opportunity scorer: %s", e)
         self._refreshed_ms = now_ms
@@ -201,7 +228,7 @@ class OpportunityScorer:
         try:
             opportunities = detect_live(
                 self.market, now_ms, self.exchange, self.bases, self.quote, self.snapshot, self.opportunity_params,
-                self.simulate,
+                self.simulate, spot_exchanges={self.exchange: self.spot_exchange},
             )  # fmt: skip
         except DataValidationError as e:  # e.g. no BTC series for the regime yet
             log.warning("opportunity scorer at %d: %s", now_ms, e)

@@ -22,34 +22,27 @@ starts a new run), when nothing arrived for ``stale_after_s``, when the caller's
 the run (bars in between may be missing), for an exchange without ``watchOHLCV`` (said once in the log),
 and after a fatal error (unknown symbol; logged, :attr:`KlineStream.error`) or :meth:`KlineStream.close`.
 
-Import cost: importing this module costs nothing beyond the standard library. ccxt.pro's package
-``__init__`` imports every websocket and async REST exchange class (~190 modules, +31 MiB RSS measured here
-on top of ccxt's sync package, against an edge budget of 150 MiB); so the stream registers
-``ccxt.pro`` / ``ccxt.async_support`` without running those ``__init__`` files and imports the one
-exchange's modules (+11 MiB). Any other attribute of those packages runs the real ``__init__`` on first
-use, so code that needs the whole package still gets it. Imports: the standard library, ccxt (sync and
-the one ccxt.pro exchange, at first use) and :mod:`cryptoml.market.exchange`.
+Import cost: importing this module costs nothing beyond the standard library. A stream loads the one
+ccxt.pro exchange it follows through :func:`cryptoml.market.lean_ccxt.pro_exchange_class` (~14 modules,
++11 MiB RSS, instead of the ~190 of ccxt.pro's package ``__init__``, +31 MiB, against an edge budget of
+150 MiB). Imports: the standard library, ccxt (at first use) and :mod:`cryptoml.market`'s ``lean_ccxt``
+and ``exchange``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import importlib
-import importlib.util
 import logging
 import random
-import re
-import sys
 import threading
 import time
-import types
 from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from cryptoml.errors import ConfigError, DataValidationError
 
-__all__ = ["BAR_MS", "KlineStream", "pro_exchange_class"]
+__all__ = ["BAR_MS", "KlineStream", "watch_ohlcv_class"]
 
 log = logging.getLogger(__name__)
 
@@ -60,74 +53,14 @@ _BINANCE_MODULE = "ccxt.pro.binance"  # its subclasses read k.x; see the module 
 _FATAL_ERRORS = ("BadSymbol", "AuthenticationError", "NotSupported", "ArgumentsRequired")  # ccxt names
 
 
-class _LazyPackage(types.ModuleType):
-    """A package registered without running its ``__init__``: submodules import one at a time.
+def watch_ohlcv_class(exchange_id: str) -> type | None:
+    """ccxt.pro's class for ``exchange_id`` (loading only that exchange's modules, see
+    :func:`cryptoml.market.lean_ccxt.pro_exchange_class`); None when ccxt.pro has no such exchange or it
+    has no ``watchOHLCV``."""
+    from cryptoml.market.lean_ccxt import pro_exchange_class
 
-    Importing ``pkg.name`` sets ``pkg.name`` to the submodule; like ccxt's own ``__init__`` (``from
-    ccxt.pro.binance import binance``), the attribute becomes the class of the same name when there is one.
-    An attribute that is no submodule (``exchanges``, ``__version__``...) runs the real ``__init__`` first.
-    """
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and isinstance(getattr(value, name, None), type):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        try:
-            importlib.import_module(f"{self.__name__}.{name}")
-        except ModuleNotFoundError:
-            if not self.__dict__.get("_cryptoml_full"):
-                super().__setattr__("_cryptoml_full", True)
-                self.__spec__.loader.exec_module(self)  # type: ignore[union-attr]
-        try:
-            return self.__dict__[name]
-        except KeyError:
-            raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}") from None
-
-
-_REGISTER_LOCK = threading.Lock()
-
-
-def _register_lazily(name: str) -> None:
-    with _REGISTER_LOCK:
-        if name not in sys.modules:  # else already imported (fully, or lazily by an earlier stream)
-            _register(name)
-
-
-def _register(name: str) -> None:
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.submodule_search_locations is None:
-        raise ImportError(f"{name} is not an installed package")
-    module = _LazyPackage(name)
-    for key, value in (
-        ("__spec__", spec),
-        ("__loader__", spec.loader),
-        ("__file__", spec.origin),
-        ("__path__", list(spec.submodule_search_locations)),
-        ("__package__", name),
-    ):
-        super(_LazyPackage, module).__setattr__(key, value)
-    sys.modules[name] = module
-    parent, _, child = name.rpartition(".")
-    setattr(sys.modules[parent], child, module)
-
-
-def pro_exchange_class(exchange_id: str) -> type | None:
-    """ccxt.pro's class for ``exchange_id``, importing only that exchange's modules; None when ccxt.pro has
-    no such exchange or it has no ``watchOHLCV``."""
-    if not re.fullmatch(r"[a-z][a-z0-9]*", exchange_id):
-        return None
-    import ccxt  # noqa: F401  (the sync package: the parent of the two below)
-
-    _register_lazily("ccxt.async_support")
-    _register_lazily("ccxt.pro")
-    if importlib.util.find_spec(f"ccxt.pro.{exchange_id}") is None:
-        return None
-    cls = getattr(importlib.import_module(f"ccxt.pro.{exchange_id}"), exchange_id, None)
-    if not isinstance(cls, type) or not cls().has.get("watchOHLCV"):
+    cls = pro_exchange_class(exchange_id)
+    if cls is None or not cls().has.get("watchOHLCV"):
         return None
     return cls
 
@@ -172,9 +105,9 @@ class KlineStream:
         timeout_ms: int = 10_000,
         close_rule: str = "auto",
     ) -> None:
-        import ccxt
+        from cryptoml.market.lean_ccxt import exchange_ids
 
-        if exchange_id not in ccxt.exchanges:
+        if exchange_id not in exchange_ids():
             raise ConfigError(f"kline stream: unknown ccxt exchange id {exchange_id!r}")
         if close_rule not in CLOSE_RULES:
             raise ConfigError(f"kline stream: close_rule must be one of {CLOSE_RULES}, got {close_rule!r}")
@@ -214,7 +147,7 @@ class KlineStream:
         self._closed = False
         self._thread: threading.Thread | None = None
 
-        cls = pro_exchange_class(exchange_id)
+        cls = watch_ohlcv_class(exchange_id)
         if cls is None:
             self.supported = False
             log.warning(

@@ -1,14 +1,15 @@
 """A configured ccxt client for any exchange id, re-pointable at another base URL; pandas-free.
 
 Shared by the backfill (:mod:`cryptoml.market.ccxt_source`) and the edge runner, which must not import
-pandas. ``api_url`` re-points an exchange's whole REST API at another base URL (testnet, proxy, the local
-stub exchange of the tests), keeping each endpoint's path. A 2xx answer whose body is not valid JSON is a
+pandas. The exchange class comes from :func:`cryptoml.market.lean_ccxt.exchange_class`: only that
+exchange's module is loaded when the process prepared a lean ccxt first (``cryptoml live`` does).
+``api_url`` re-points an exchange's whole REST API at another base URL (testnet, proxy, the local stub
+exchange of the tests), keeping each endpoint's path. A 2xx answer whose body is not valid JSON is a
 transport fault (:class:`TruncatedResponse`, a ccxt ``NetworkError``), never an empty result.
 """
 
 from __future__ import annotations
 
-import difflib
 import json
 from collections.abc import Mapping
 from typing import Any
@@ -17,6 +18,7 @@ from urllib.parse import urlsplit
 import ccxt
 
 from cryptoml.errors import ConfigError
+from cryptoml.market.lean_ccxt import exchange_class
 
 __all__ = ["DEFAULT_OPTIONS", "TruncatedResponse", "make_exchange", "rebase_url"]
 
@@ -96,10 +98,7 @@ def make_exchange(
     ``rate_limit_ms > 0`` replaces the exchange's default milliseconds between requests. ``options`` are
     merged over :data:`DEFAULT_OPTIONS`. Raises :class:`ConfigError` for an unknown id or bad values.
     """
-    if exchange_id not in ccxt.exchanges:
-        close = difflib.get_close_matches(exchange_id, ccxt.exchanges, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ConfigError(f"unknown ccxt exchange id {exchange_id!r}{hint}")
+    base = exchange_class(exchange_id)  # raises ConfigError for an unknown id
     if timeout_ms <= 0:
         raise ConfigError(f"timeout_ms must be > 0, got {timeout_ms}")
     if rate_limit_ms < 0:
@@ -107,7 +106,6 @@ def make_exchange(
     if api_url is not None and not urlsplit(api_url).netloc:
         raise ConfigError(f"api url for {exchange_id!r} must look like http://host:port, got {api_url!r}")
     merged = {**DEFAULT_OPTIONS.get(exchange_id, {}), **(options or {})}
-    base = getattr(ccxt, exchange_id)
     strict = type(base.__name__, (_StrictJson, base), {})
     exchange: ccxt.Exchange = strict({"enableRateLimit": True, "timeout": timeout_ms, "options": merged})
     if rate_limit_ms > 0:

@@ -45,8 +45,9 @@ from cryptoml.market.exchange import make_exchange
 from cryptoml.market.store import ParquetStore
 from cryptoml.market.synthetic import write_market
 from cryptoml.models.evaluation import top_k_picks
+from cryptoml.simulate.entry import break_even_hours, leg_round_trip_cost
 from cryptoml.simulate.opportunities import detect_opportunities
-from cryptoml.simulate.positions import build_funding_events, build_price_paths
+from cryptoml.simulate.positions import FundingEvents, PricePaths, build_funding_events, build_price_paths
 from cryptoml.simulate.reference import simulate_one
 from cryptoml.simulate.snapshots import (
     SNAPSHOT_COLUMNS,
@@ -359,6 +360,109 @@ def test_paper_positions_earn_what_the_simulator_says(case: str, request: pytest
         ):  # fmt: skip
             assert got[ours] == pytest.approx(ref[theirs], rel=TOL, abs=TOL), f"{where}: {ours}"
     assert sum(1 for g in outcomes.values() if g["funding_payments_count"] > 0) >= 2
+
+
+# --- a spot venue apart from the perps' (Binance USDⓈ-M perps, Binance spot) ---------------------------
+
+# Fees far apart, and a default no venue here uses: a leg priced with another venue's fee shows.
+SPLIT_FEES = replace(SIM, taker_fee_bps={"binance": 10.0, "binanceusdm": 2.0, "bybit": 5.5, "default": 50.0})
+SPLIT = {"binanceusdm": "binance"}  # perp exchange -> the venue of its spot legs
+
+
+def _perp_venue(exchange: str, symbol: str) -> str:
+    """The synthetic binance perps played by a derivatives-only venue, binanceusdm; spot stays on binance."""
+    return "binanceusdm" if exchange == "binance" and ":" in symbol else exchange
+
+
+def _expected_split_row(row: Mapping[str, Any], snaps: pd.DataFrame) -> dict[str, Any]:
+    """A batch row (one label per exchange) as the split venues make it: perp legs on binanceusdm, and the
+    break-even from the batch's own helpers with each leg's spread, depth and venue fee (SPLIT_FEES)."""
+    out = dict(row)
+    cost = 0.0
+    for side in ("long", "short"):
+        market, ex = row[f"{side}_market"], row[f"{side}_exchange"]
+        out[f"{side}_exchange"] = _perp_venue(ex, row[f"{side}_symbol"])
+        snap = snaps[(snaps["ts_ms"] == row["ts_ms"]) & (snaps["exchange"] == ex) & (snaps["base"] == row["base"])]
+        prefix = "spot_" if market == "spot" else ""
+        spread, depth = snap[f"{prefix}bid_ask_spread_pct"].iloc[0], snap[f"{prefix}orderbook_depth_usd"].iloc[0]
+        cost += float(leg_round_trip_cost([out[f"{side}_exchange"]], [spread], [depth], SPLIT_FEES)[0])
+    out["break_even_hours"] = float(break_even_hours(cost, row["funding_spread"])[0])
+    out["opportunity_id"] = (
+        f"{row['strategy']}:{row['base']}:{out['long_exchange']}-{row['long_market']}:"
+        f"{out['short_exchange']}-{row['short_market']}"
+    )
+    return out
+
+
+def test_a_spot_leg_on_its_own_venue_pays_that_venues_fee_as_the_batch_prices_it(synthetic: Market) -> None:
+    """binanceusdm perps with binance spot (the live scorer's layout): the spot leg names binance and pays
+    binance's fee in the break-even and on paper; every other field is the batch row's, and the picks
+    followed on paper end with the batch reference simulator's profit and fees for those rows."""
+    split_events = [(t, o, k, _perp_venue(ex, sym), sym, pl) for t, o, k, ex, sym, pl in synthetic.events]
+    exchanges = ["binanceusdm", "bybit"]
+    feeder = Feeder(split_events)
+    t0 = synthetic.check_times[2]
+    market = feeder.until(t0)
+    got = detect_live(market, t0, exchanges, BASES, QUOTE, SNAP, LOOSE, SPLIT_FEES, spot_exchanges=SPLIT)
+    batch = synthetic.opportunities["loose"]
+    want = {
+        r["opportunity_id"]: r
+        for r in (_expected_split_row(r, synthetic.snapshots) for r in batch[batch["ts_ms"] == t0].to_dict("records"))
+    }
+    assert sorted(o["opportunity_id"] for o in got) == sorted(want)
+    spot_perp = [o for o in got if o["strategy"] == "spot_perp" and "binanceusdm" in o["opportunity_id"]]
+    assert {o["opportunity_id"] for o in spot_perp} == {
+        "spot_perp:BTC:binance-spot:binanceusdm-swap", "spot_perp:ETH:binance-spot:binanceusdm-swap",
+    }  # fmt: skip
+    for o in got:
+        assert_same(o, want[o["opportunity_id"]], batch_opps.OPPORTUNITY_COLUMNS, o["opportunity_id"])
+    # The same market and venue-blind fees, i.e. the spot leg priced with the perp venue's fee: other numbers.
+    blind = replace(SPLIT_FEES, taker_fee_bps={**SPLIT_FEES.taker_fee_bps, "binance": 2.0})
+    again = detect_live(market, t0, exchanges, BASES, QUOTE, SNAP, LOOSE, blind, spot_exchanges=SPLIT)
+    by_id = {o["opportunity_id"]: o for o in again}
+    assert all(by_id[o["opportunity_id"]]["break_even_hours"] < o["break_even_hours"] for o in spot_perp)
+
+    # On paper: each leg carries its venue's fee, and the outcome is the batch simulator's for the row.
+    frames = replace(
+        synthetic.frames,
+        funding={k: v.drop(columns="mark_price", errors="ignore") for k, v in synthetic.frames.funding.items()},
+    )
+    prices = build_price_paths(frames, synthetic.snapshots)
+    funding = build_funding_events(frames, prices)
+    prices = PricePaths({(_perp_venue(*k), k[1]): v for k, v in prices.series.items()})
+    funding = FundingEvents({(_perp_venue(*k), k[1]): v for k, v in funding.series.items()})
+    positions = []
+    for o in spot_perp:
+        for hold in (1, 8):
+            pos = open_paper_position(market, o, hold, SNAP, SPLIT_FEES)
+            assert pos is not None
+            assert [(leg["exchange"], leg["fee"]) for leg in pos["legs"]] == [("binance", 10e-4), ("binanceusdm", 2e-4)]
+            positions.append((o, hold, pos))
+    outcomes: dict[int, dict[str, Any]] = {}
+    t = t0
+    while len(outcomes) < len(positions):
+        t += 5 * MINUTE_MS
+        market = feeder.until(t)
+        for k, (o, hold, pos) in enumerate(positions):
+            if k not in outcomes:
+                pos, outcome = advance_paper_position(market, pos, t, SNAP, SPLIT_FEES)
+                positions[k] = (o, hold, pos)
+                if outcome is not None:
+                    outcomes[k] = outcome
+    for k, (o, hold, _) in enumerate(positions):
+        ref = simulate_one(o, hold, prices, funding, SPLIT_FEES)
+        where = f"{o['opportunity_id']} {hold} h"
+        assert ref["status"] == "ok" and outcomes[k]["status"] == "closed", where
+        for ours, theirs in (("realised_profit_usd", "actual_profit_usd"), ("fees_usd", "fees_usd"),
+                             ("funding_usd", "total_funding_usd"), ("slippage_pct", "slippage_pct")):  # fmt: skip
+            assert outcomes[k][ours] == pytest.approx(ref[theirs], rel=TOL, abs=TOL), f"{where}: {ours}"
+
+
+def test_spot_exchanges_must_name_a_venue(synthetic: Market) -> None:
+    market = Feeder(synthetic.events).until(synthetic.check_times[2])
+    with pytest.raises(ConfigError, match=r"spot_exchanges\['binance'\] must be an exchange id"):
+        detect_live(market, synthetic.check_times[2], "binance", BASES, QUOTE, SNAP, LOOSE, SIM,
+                    spot_exchanges={"binance": ""})  # fmt: skip
 
 
 # --- errors --------------------------------------------------------------------------------------------
