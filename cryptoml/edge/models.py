@@ -237,6 +237,57 @@ def _plain(value: Any) -> Any:
     return value.value if isinstance(value, Enum) else value
 
 
+_LABEL_INPUTS = ("strategy", "regime")
+# Types whose float() is the very float64 np.asarray(..., dtype=np.float64) holds (np.float64 is a float).
+_PLAIN_NUMBERS = frozenset({float, int, bool, np.float64})
+
+
+def _numeric_column(rows: Sequence[Mapping[str, Any]], name: str, counts: Sequence[int]) -> list[float]:
+    """Column ``name`` of ``rows`` (None = NaN) as Python floats, row ``i``'s value repeated ``counts[i]``
+    times: the values and errors of ``_as_array([...], name, len(rows))`` repeated per candidate.
+
+    Plain Python numbers are converted one by one with ``float()``; any other value (a string, a
+    sequence, a NumPy scalar, an int beyond float range) sends the column through ``_as_array``, so its
+    value or its error is exactly NumPy's."""
+    values: list[float] = []
+    try:
+        for row, k in zip(rows, counts, strict=True):
+            v = row[name]
+            if isinstance(v, Enum):
+                v = v.value
+            if v is None:
+                values += [math.nan] * k
+            elif type(v) in _PLAIN_NUMBERS:
+                values += [float(v)] * k
+            else:
+                break
+        else:
+            return values
+    except OverflowError:
+        pass
+    plain = [_plain(row[name]) for row in rows]
+    arr = _as_array([np.nan if v is None else v for v in plain], name, len(rows))
+    out: list[float] = np.repeat(arr, counts).tolist()
+    return out
+
+
+def _best_candidates(score: np.ndarray, scores: list[float], counts: Sequence[int]) -> list[int]:
+    """Index of each row's best candidate (rows' candidates are consecutive, ``counts[i]`` of row ``i``):
+    the highest score, ties to the first (the shortest hold of the grid). ``scores`` is ``score.tolist()``."""
+    if any(s != s for s in scores):  # NaN: max() would depend on its position; sort it last as NumPy does
+        entry = np.repeat(np.arange(len(counts)), counts)
+        order = np.lexsort((-score, entry))
+        picked: list[int] = order[np.r_[0, np.flatnonzero(np.diff(entry[order])) + 1]].tolist()
+        return picked
+    first: list[int] = []
+    start = 0
+    for k in counts:
+        block = scores[start : start + k]
+        first.append(start + block.index(max(block)))  # max and index both keep the first of equal values
+        start += k
+    return first
+
+
 class ModelSet:
     """The bundles the edge serves, by name, plus the folders it skipped and why.
 
@@ -389,7 +440,7 @@ class ModelSet:
         hold_b = self.bundles.get(HOLD_MODEL)
         if not rows:
             return []
-        entry_of: list[int] = []  # candidate -> its row
+        counts: list[int] = []  # candidates of each row
         holds: list[float] = []
         given: list[bool] = []
         for i, row in enumerate(rows):
@@ -406,58 +457,60 @@ class ModelSet:
                 candidates: Sequence[float] = self.hold_grid_hours
             else:
                 candidates = (float(h),)
-            entry_of.extend([i] * len(candidates))
+            counts.append(len(candidates))
             holds.extend(candidates)
-        entry = np.asarray(entry_of)
+        # Columns as lists of Python floats / str, one value per candidate: the feature code's small path
+        # takes them as they are (a request is one entry at the 9 holds of the grid, where NumPy's per-call
+        # overhead would dominate).
         cols: dict[str, Any] = {}
         for c in INPUT_COLUMNS:
             if c == "hold_hours":
-                cols[c] = np.asarray(holds, dtype=np.float64)
-            elif c in ("strategy", "regime"):
-                cols[c] = np.asarray([str(_plain(rows[i][c])) for i in entry_of], dtype=object)
+                cols[c] = holds
+            elif c in _LABEL_INPUTS:
+                labels: list[str] = []
+                for row, k in zip(rows, counts, strict=True):
+                    labels += [str(_plain(row[c]))] * k
+                cols[c] = labels
             else:
-                values = [_plain(rows[i][c]) for i in range(len(rows))]
-                arr = _as_array([np.nan if v is None else v for v in values], c, len(rows))
-                cols[c] = arr[entry]
+                cols[c] = _numeric_column(rows, c, counts)
         try:
             X = feature_matrix(cols)
         except DataValidationError as e:
+            entry = np.repeat(np.arange(len(rows)), counts)  # candidate -> its row
             bad = next((i for i in range(len(rows)) if not self._row_ok(cols, entry == i)), 0)
             raise DataValidationError(f"opportunity {bad}: {e}") from e
         profit = profit_b.predict(X)
         proba = np.clip(success_b.predict(X), 0.0, 1.0)  # float32 rounding may step just outside [0, 1]
-        hold_arr = np.asarray(holds)
         if not (np.isfinite(profit).all() and np.isfinite(proba).all()):
             raise ModelContractError("the opportunity models returned non-finite predictions for finite features")
         score = np.asarray(
-            composite_score(profit, proba, hold_arr, self.composite_profit_weight, self.composite_success_weight)
+            composite_score(
+                profit, proba, np.asarray(holds), self.composite_profit_weight, self.composite_success_weight
+            )
         )
-        # best candidate of each row: highest score, ties to the first (the shortest hold of the grid)
-        order = np.lexsort((-score, entry))
-        first = order[np.r_[0, np.flatnonzero(np.diff(entry[order])) + 1]]
-        p_best = proba[first]
-        if self.sizing is not None:
-            win, loss = self.sizing
-            kelly = np.asarray(kelly_fraction(p_best, win, loss, self.kelly_fraction, self.kelly_cap))
-        else:  # even payoff: f* = 2p - 1
-            kelly = np.asarray(kelly_fraction(p_best, 1.0, 1.0, self.kelly_fraction, self.kelly_cap))
-        hold_hours: np.ndarray | None = None
-        hold_prob: np.ndarray | None = None
+        score_l: list[float] = score.tolist()
+        first = _best_candidates(score, score_l, counts)
+        # without a recorded mean win / loss an even payoff (b = 1) is assumed: f* = 2p - 1
+        win, loss = self.sizing if self.sizing is not None else (1.0, 1.0)
+        kelly = np.asarray(kelly_fraction(proba[first], win, loss, self.kelly_fraction, self.kelly_cap)).tolist()
+        hold_hours: list[float] | None = None
+        hold_prob: list[float] | None = None
         if hold_b is not None:
             probs = np.asarray(hold_b.predict(X[first][:, _ENTRY_COLUMNS])).reshape(len(rows), -1)
             pick = np.argmax(probs, axis=1)
-            hold_hours = np.asarray(hold_b.meta["classes"], dtype=np.float64)[pick]
-            hold_prob = probs[np.arange(len(rows)), pick]
+            hold_hours = np.asarray(hold_b.meta["classes"], dtype=np.float64)[pick].tolist()
+            hold_prob = probs[np.arange(len(rows)), pick].tolist()
         version = self.opportunity_version()
+        profit_l, proba_l = profit.tolist(), proba.tolist()
         return [
             {
-                "predicted_profit_pct": float(profit[j]),
-                "success_probability": float(proba[j]),
-                "predicted_hold_hours": float(hold_arr[j]),
-                "composite_score": float(score[j]),
+                "predicted_profit_pct": float(profit_l[j]),
+                "success_probability": float(proba_l[j]),
+                "predicted_hold_hours": holds[j],
+                "composite_score": float(score_l[j]),
                 "kelly_fraction": float(kelly[k]),
                 "hold_choice": "given" if given[k] else "best_composite",
-                "hold_model_hours": None if hold_hours is None else float(hold_hours[k]),
+                "hold_model_hours": None if hold_hours is None else hold_hours[k],
                 "hold_model_probability": None if hold_prob is None else float(hold_prob[k]),
                 "model_version": version,
             }
