@@ -144,6 +144,8 @@ def full_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "price_keras.epochs": 1,
         "price_keras.max_windows": 256,
         "price_keras.max_eval_windows": 128,
+        "backtest.retrain_minutes": 360.0,
+        "backtest.lgbm_rounds": 30,
     }
     return copy_project(tmp_path_factory.mktemp("full_project"), overrides)
 
@@ -170,8 +172,10 @@ def test_full_dag_is_stable_and_a_param_reruns_only_its_branch(full_project: Pat
 
     first = dvc("repro")
     assert first.returncode == 0, describe(first)
-    for stage in (*STAGES, *BRANCH, *PRICE_BRANCH, *EXPORTS, "register"):
+    for stage in (*STAGES, *BRANCH, *PRICE_BRANCH, *EXPORTS, "register", "backtest"):
         assert f"Running stage '{stage}'" in first.stdout, describe(first)
+    for name in ("metrics.json", "trades.csv", "equity.png", "drawdown.png"):
+        assert (full_project / "reports" / "backtest" / name).is_file(), name
     positions = full_project / "data" / "positions.parquet"
     assert set(POSITION_COLUMNS) <= set(pq.read_schema(positions).names)
 
@@ -207,7 +211,7 @@ def test_full_dag_is_stable_and_a_param_reruns_only_its_branch(full_project: Pat
     assert third.returncode == 0, describe(third)
     for stage in (*STAGES, *BRANCH, "price_features", "train_price_keras", "export_opportunity", "export_price_keras"):
         assert f"Stage '{stage}' didn't change, skipping" in third.stdout, describe(third)
-    for stage in ("train_price_lgbm", "export_price_lgbm", "register"):
+    for stage in ("train_price_lgbm", "export_price_lgbm", "register", "backtest"):
         assert f"Running stage '{stage}'" in third.stdout, describe(third)
     after = _bundle_bytes(full_project)
     assert after["price_lgbm"] != onnx_bytes["price_lgbm"]
