@@ -9,8 +9,12 @@ sqrt(1 - rho^2) * std(fwd) * noise`` is the best linear forecast of the realised
 return ``fwd`` (bps) from a reading of it blurred so that ``corr(pred, fwd) = rho``: shrunk towards zero
 like a fitted model's output. The headline uses ``rho = 0.15`` (a strong model for 1-minute crypto bars);
 the engine's cost grows with the number of trades, so the figures also give trades per day and a sweep
-over ``rho``. The reference loop (every bar through the broker and ``decide``) runs on the first
-``REFERENCE_BARS`` bars, and the fast engine's result on that slice is checked identical to it.
+over ``rho`` (0.2: ~47 trades a day). ``us_per_round_trip_cpu`` is that cost per trade: CPU time above a
+run of the same bars with a zero signal (its ``no_trade_cpu_s``: input checks, the skip plan, the
+always-processed day and funding bars), divided by the number of round trips. The load average is recorded
+with the figures: the machine is shared, and wall time under load says little. The reference loop (every
+bar through the broker and ``decide``) runs on the first ``REFERENCE_BARS`` bars, and the fast engine's
+result on that slice is checked identical to it.
 
 ``python -m bench backtest`` (or ``python -m bench.bench_backtest``) writes the figures into
 ``bench/results.json`` under ``backtest``.
@@ -18,6 +22,7 @@ over ``rho``. The reference loop (every bar through the broker and ``decide``) r
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -114,13 +119,20 @@ def engine_figures(bars: dict[str, np.ndarray]) -> dict[str, object]:
     n = len(bars["ts_ms"])
     days = n / 1440
 
-    def run(rho: float, upto: int | None = None, reference: bool = False) -> BacktestResult:
+    def run(rho: float | None, upto: int | None = None, reference: bool = False) -> BacktestResult:
         part = bars if upto is None else {k: v[:upto] for k, v in bars.items()}
-        pred = model_like_signal(part["close"], rho)
+        pred = np.zeros(len(part["close"])) if rho is None else model_like_signal(part["close"], rho)
         engine = run_backtest_reference if reference else run_backtest
         return engine(part, pred, strategy=strategy, broker=broker, symbol=SYMBOL, funding=funding_table(part["ts_ms"]))
 
+    load_before = os.getloadavg()
     run(HEADLINE_RHO, upto=20_000)  # warm up imports and caches
+    _, idle_cpu_s, _ = _timed(3, lambda: run(None))  # the fixed cost: no signal, no trade
+
+    def per_round_trip_us(cpu_s: float, result: BacktestResult) -> float | None:
+        # A few dozen trades would measure the noise of the fixed cost, not the trades.
+        return round((cpu_s - idle_cpu_s) / len(result.trades) * 1e6, 1) if len(result.trades) >= 500 else None
+
     fast_s, fast_cpu_s, fast = _timed(3, lambda: run(HEADLINE_RHO))
     ref_s, ref_cpu_s, ref = _timed(1, lambda: run(HEADLINE_RHO, REFERENCE_BARS, reference=True))
     fast_slice = run(HEADLINE_RHO, REFERENCE_BARS)
@@ -137,6 +149,8 @@ def engine_figures(bars: dict[str, np.ndarray]) -> dict[str, object]:
         "bars_evaluated_frac": round(fast.bars_evaluated / n, 4),
         "trades": len(fast.trades),
         "trades_per_day": round(len(fast.trades) / days, 2),
+        "no_trade_cpu_s": round(idle_cpu_s, 3),
+        "us_per_round_trip_cpu": per_round_trip_us(fast_cpu_s, fast),
         "net_pnl": round(fast.totals.net_pnl, 2),
         "reference_bars": REFERENCE_BARS,
         "reference_s": round(ref_s, 3),
@@ -147,14 +161,18 @@ def engine_figures(bars: dict[str, np.ndarray]) -> dict[str, object]:
     }
     sweep = {}
     for rho in SWEEP_RHO:
-        seconds, cpu_s, result = _timed(1, lambda rho=rho: run(rho))
+        seconds, cpu_s, result = _timed(3, lambda rho=rho: run(rho))
         sweep[f"{rho:g}"] = {
             "bars_per_s": round(n / seconds),
             "bars_per_cpu_s": round(n / cpu_s),
+            "best_s": round(seconds, 3),
+            "cpu_best_s": round(cpu_s, 3),
             "trades_per_day": round(len(result.trades) / days, 2),
+            "us_per_round_trip_cpu": per_round_trip_us(cpu_s, result),
             "bars_evaluated_frac": round(result.bars_evaluated / n, 4),
         }
     figures["by_signal_corr"] = sweep
+    figures["load_avg_1m"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]  # before, after
     return figures
 
 

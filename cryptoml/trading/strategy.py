@@ -43,6 +43,7 @@ from cryptoml.config import StrategyParams
 from cryptoml.errors import DataValidationError
 
 DAY_MS = 86_400_000
+_INF = math.inf
 ACTIONS = ("enter_long", "enter_short", "exit", "hold")
 
 
@@ -100,6 +101,60 @@ class Decision:
         return dataclasses.asdict(self)
 
 
+# Builders of the same instances as Decision(...) and StrategyState(...) for decide(): a frozen dataclass's
+# __init__ pays one object.__setattr__ per field, filling the instance __dict__ directly (the way pickle
+# restores frozen dataclasses) a third of that. Every field, in field order (a test compares them).
+_new = object.__new__
+
+
+def _decision(
+    action: str,
+    reason: str,
+    bar_ts_ms: int,
+    decided_at_ms: int,
+    predicted_return_bps: float | None,
+    side: str | None,
+    qty: float,
+    target_qty: float,
+    stop_price: float | None,
+    take_profit_price: float | None,
+) -> Decision:
+    decision: Decision = _new(Decision)
+    fields = decision.__dict__
+    fields["action"] = action
+    fields["reason"] = reason
+    fields["bar_ts_ms"] = bar_ts_ms
+    fields["decided_at_ms"] = decided_at_ms
+    fields["predicted_return_bps"] = predicted_return_bps
+    fields["side"] = side
+    fields["qty"] = qty
+    fields["target_qty"] = target_qty
+    fields["stop_price"] = stop_price
+    fields["take_profit_price"] = take_profit_price
+    return decision
+
+
+def _state(
+    day: int | None,
+    day_start_equity: float | None,
+    kill_switch_tripped: bool,
+    kill_switch_tripped_at_ms: int | None,
+    cooldown_until_ms: int,
+    expected_position_sign: int,
+    last_bar_ts_ms: int | None,
+) -> StrategyState:
+    state: StrategyState = _new(StrategyState)
+    fields = state.__dict__
+    fields["day"] = day
+    fields["day_start_equity"] = day_start_equity
+    fields["kill_switch_tripped"] = kill_switch_tripped
+    fields["kill_switch_tripped_at_ms"] = kill_switch_tripped_at_ms
+    fields["cooldown_until_ms"] = cooldown_until_ms
+    fields["expected_position_sign"] = expected_position_sign
+    fields["last_bar_ts_ms"] = last_bar_ts_ms
+    return state
+
+
 def protective_prices(params: StrategyParams, position_sign: int, entry_price: float) -> tuple[float, float]:
     """(stop-loss price, take-profit price) of a long (+1) or short (-1) entered at ``entry_price``."""
     if position_sign not in (1, -1):
@@ -135,27 +190,60 @@ def decide(
     flat); ``equity`` the account equity marked at ``close``; ``predicted_return_bps`` the model's forward
     return in basis points (None or NaN = no prediction). Returns the decision and the new state.
     """
-    bar_ts_ms, now_ms, bar_ms = _as_int("bar_ts_ms", bar_ts_ms), _as_int("now_ms", now_ms), _as_int("bar_ms", bar_ms)
-    close, high, low = _as_price("close", close), _as_price("high", high), _as_price("low", low)
-    position_qty, equity = _as_finite("position_qty", position_qty), _as_finite("equity", equity)
-    _check_bar(bar_ts_ms, now_ms, bar_ms, close, high, low)
-    if position_qty != 0:
+    # Validation in two tiers (the backtest calls this on every bar that can act): plain ints and finite
+    # floats pass the inline tests; anything else goes through the converters, which raise in the same
+    # order as they are listed here (a chained comparison is False for NaN).
+    if not (type(bar_ts_ms) is int and type(now_ms) is int and type(bar_ms) is int):
+        bar_ts_ms, now_ms, bar_ms = (
+            _as_int("bar_ts_ms", bar_ts_ms),
+            _as_int("now_ms", now_ms),
+            _as_int("bar_ms", bar_ms),
+        )
+    if not (type(close) is float and type(high) is float and type(low) is float and 0.0 < low <= close <= high < _INF):
+        close, high, low = _as_price("close", close), _as_price("high", high), _as_price("low", low)
+    if not (
+        type(position_qty) is float and type(equity) is float and -_INF < position_qty < _INF and -_INF < equity < _INF
+    ):
+        position_qty, equity = _as_finite("position_qty", position_qty), _as_finite("equity", equity)
+    if bar_ms <= 0 or not low <= close <= high or now_ms < bar_ts_ms + bar_ms:
+        _check_bar(bar_ts_ms, now_ms, bar_ms, close, high, low)
+    if position_qty != 0 and not (type(entry_price) is float and 0.0 < entry_price < _INF):
         entry_price = _as_price("entry_price", entry_price)
     if state.last_bar_ts_ms is not None and bar_ts_ms < state.last_bar_ts_ms:
         raise DataValidationError(f"bar_ts_ms {bar_ts_ms} is earlier than the last decided bar {state.last_bar_ts_ms}")
-    close_ms = bar_ts_ms + bar_ms
-    if (
-        predicted_return_bps is not None
-        and type(predicted_return_bps) is not float
-        and (isinstance(predicted_return_bps, bool) or not isinstance(predicted_return_bps, numbers.Real))
-    ):
-        raise DataValidationError(f"predicted_return_bps must be a number or None, got {predicted_return_bps!r}")
     # None or NaN / inf: the model had no usable answer (warm-up, missing features) -> no prediction.
-    pred = None if predicted_return_bps is None else float(predicted_return_bps)
-    if pred is not None and not math.isfinite(pred):
+    if type(predicted_return_bps) is float:
+        pred = predicted_return_bps if -_INF < predicted_return_bps < _INF else None
+    elif predicted_return_bps is None:
         pred = None
+    elif isinstance(predicted_return_bps, bool) or not isinstance(predicted_return_bps, numbers.Real):
+        raise DataValidationError(f"predicted_return_bps must be a number or None, got {predicted_return_bps!r}")
+    else:
+        pred = float(predicted_return_bps)
+        if not math.isfinite(pred):
+            pred = None
+    return _decide(state, params, bar_ts_ms, now_ms, close, high, low, pred, position_qty, entry_price, equity, bar_ms)
+
+
+def _decide(
+    state: StrategyState,
+    params: StrategyParams,
+    bar_ts_ms: int,
+    now_ms: int,
+    close: float,
+    high: float,
+    low: float,
+    pred: float | None,
+    position_qty: float,
+    entry_price: float,
+    equity: float,
+    bar_ms: int,
+) -> tuple[Decision, StrategyState]:
+    """:func:`decide` past its input checks, for a caller whose inputs are valid by construction (the
+    backtest engine: validated bars in time order, the broker's own position and equity): plain ints,
+    finite floats, ``0 < low <= close <= high``, a closed bar, ``pred`` None or finite."""
+    close_ms = bar_ts_ms + bar_ms
     sign = 0 if position_qty == 0 else (1 if position_qty > 0 else -1)
-    cooldown_ms = round(params.cooldown_minutes * 60_000)
 
     # The state is rebuilt once at the end (the backtest calls this once per bar: keep it cheap).
     day, day_start_equity = state.day, state.day_start_equity
@@ -163,9 +251,10 @@ def decide(
     cooldown_until_ms = state.cooldown_until_ms
     # A position the last decision wanted but which is gone now was closed by the broker during this bar.
     if state.expected_position_sign != 0 and sign == 0:
-        cooldown_until_ms = max(cooldown_until_ms, close_ms + cooldown_ms)
-    if day != close_ms // DAY_MS:  # first decision of a UTC day: new baseline, switch untripped
-        day, day_start_equity, tripped, tripped_at_ms = close_ms // DAY_MS, equity, False, None
+        cooldown_until_ms = max(cooldown_until_ms, close_ms + round(params.cooldown_minutes * 60_000))
+    today = close_ms // DAY_MS
+    if day != today:  # first decision of a UTC day: new baseline, switch untripped
+        day, day_start_equity, tripped, tripped_at_ms = today, equity, False, None
     elif day_start_equity is None:  # first decision after reset_kill_switch
         day_start_equity = equity
     if (
@@ -185,7 +274,7 @@ def decide(
         else:
             action, reason, side = "exit", exit_reason, ("sell" if sign > 0 else "buy")
             qty, target_qty = abs(position_qty), 0.0
-            cooldown_until_ms = max(cooldown_until_ms, close_ms + cooldown_ms)
+            cooldown_until_ms = max(cooldown_until_ms, close_ms + round(params.cooldown_minutes * 60_000))
     elif tripped:
         reason = "kill_switch"
     elif now_ms - close_ms > params.max_bar_age_seconds * 1000.0:
@@ -209,11 +298,11 @@ def decide(
         target_qty = new_sign * qty
         stop_price, take_profit_price = protective_prices(params, new_sign, close)
 
-    decision = Decision(action, reason, bar_ts_ms, close_ms, pred, side, qty, target_qty, stop_price, take_profit_price)
-    expected_sign = 0 if target_qty == 0 else (1 if target_qty > 0 else -1)
-    new_state = StrategyState(
-        day, day_start_equity, tripped, tripped_at_ms, cooldown_until_ms, expected_sign, bar_ts_ms
+    decision = _decision(
+        action, reason, bar_ts_ms, close_ms, pred, side, qty, target_qty, stop_price, take_profit_price
     )
+    expected_sign = 0 if target_qty == 0 else (1 if target_qty > 0 else -1)
+    new_state = _state(day, day_start_equity, tripped, tripped_at_ms, cooldown_until_ms, expected_sign, bar_ts_ms)
     return decision, new_state
 
 

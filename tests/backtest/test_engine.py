@@ -4,6 +4,7 @@ engine proven identical to the plain per-bar loop (fills, trades, equity, decisi
 from __future__ import annotations
 
 import dataclasses
+import gc
 import math
 from collections import Counter
 
@@ -13,7 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cryptoml.backtest.engine import EXIT_REASONS, BacktestResult, run_backtest, run_backtest_reference
+from cryptoml.backtest import engine
+from cryptoml.backtest.engine import EXIT_REASONS, BacktestResult, Trade, run_backtest, run_backtest_reference
 from cryptoml.config import PaperBrokerParams, StrategyParams
 from cryptoml.errors import DataValidationError
 from tests.conftest import shared_file
@@ -421,3 +423,43 @@ def test_real_btc_month_fast_equals_reference() -> None:
     assert_components_add_up(fast)
     assert_next_open_fills(fast, bars)
     assert len(fast.trades) > 50 and fast.bars_evaluated < len(close) / 2
+
+
+def test_trade_records_are_the_constructors_instances() -> None:
+    fields = ("short", 1.5, T0, 100.0, T0 + 5 * MIN, 99.0, "signal_short", "reversal", 1.5, 0.12, 0.03, -0.01, 1.36)
+    built, made = engine._trade(*fields), Trade(*fields)
+    assert type(built) is Trade and built == made and hash(built) == hash(made) and repr(built) == repr(made)
+    assert list(vars(built)) == [f.name for f in dataclasses.fields(Trade)] and built.to_dict() == made.to_dict()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.qty = 0.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_a_run_leaves_the_garbage_collector_as_it_found_it(enabled: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both engines pause the cyclic collector while they run; it is enabled again only if it was on, also
+    when the run fails half-way."""
+    bars, pred, funding = scenario(1, 300)
+    calls = 0
+
+    def decide_then_fail(*args, **kwargs):  # the real _decide(), until the run is well under way
+        nonlocal calls
+        calls += 1
+        if calls > 20:
+            raise RuntimeError("failed half-way")
+        return engine_decide(*args, **kwargs)
+
+    engine_decide = engine._decide
+    was = gc.isenabled()
+    try:
+        gc.enable() if enabled else gc.disable()
+        fast, ref = both(bars, pred, funding)
+        assert gc.isenabled() is enabled
+        assert_identical(fast, ref)
+        monkeypatch.setattr(engine, "_decide", decide_then_fail)
+        for run in (run_backtest, run_backtest_reference):
+            calls = 0
+            with pytest.raises(RuntimeError, match="half-way"):
+                run(bars, pred, strategy=P, broker=B, symbol=SYMBOL, funding=funding)
+            assert gc.isenabled() is enabled
+    finally:
+        gc.enable() if was else gc.disable()

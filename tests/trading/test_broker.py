@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import math
+from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,11 +17,15 @@ from hypothesis import strategies as st
 from cryptoml.config import SimulateParams
 from cryptoml.errors import ConfigError, DataValidationError
 from cryptoml.simulate.slippage import slippage_frac_one
+from cryptoml.trading import broker as paper
 from cryptoml.trading.broker import (
     Broker,
+    Fill,
+    Order,
     OrderBook,
     PaperBroker,
     PaperBrokerParams,
+    Position,
     make_client_order_id,
     walk_book,
 )
@@ -293,6 +300,81 @@ def test_make_client_order_id_is_deterministic_and_exchange_safe() -> None:
 def test_bad_input_names_what_is_wrong(call, name: str) -> None:
     with pytest.raises(DataValidationError, match=name):
         call(broker())
+
+
+@pytest.mark.parametrize("field", ["open", "high", "low", "close"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf, 0.0, -1.0, "100"])
+def test_a_bad_bar_price_is_named(field: str, bad: object) -> None:
+    prices: dict[str, Any] = {"open": 100.0, "high": 101.0, "low": 99.0, "close": 100.5}
+    prices[field] = bad
+    with pytest.raises(DataValidationError, match=rf"^{field} must be a finite price > 0"):
+        broker().on_bar(SYM, T0, **prices)
+
+
+def test_bars_accept_numpy_scalars_and_ints_and_mark_plain_floats() -> None:
+    b = broker()
+    long_at(b)
+    b.submit_stop("sl", SYM, "sell", 1.0, np.float64(99.0), ts_ms=np.int64(T0))
+    assert b.on_bar(SYM, np.int64(T0 + MINUTE_MS), np.float64(100.0), 101, np.float32(99.5), 100) == []
+    assert type(b.to_dict()["marks"][SYM]) is float and b.to_dict()["marks"][SYM] == 100.0
+    (fill,) = b.on_bar(SYM, T0 + 2 * MINUTE_MS, 99.5, 99.6, np.float64(98.5), 98.8)
+    assert fill.price == 99.0 and type(fill.price) is float and type(b.get_order("sl").price) is float
+
+
+def test_client_order_ids_from_the_cache_are_the_computed_ones() -> None:
+    digest = hashlib.sha256(b"SOL/USDT:USDT").hexdigest()[:6]
+    for _ in range(2):  # computed (and cached), then from the cache
+        assert make_client_order_id("SOL/USDT:USDT", T0, "stop", prefix="cache-t") == f"cache-t-{digest}-{T0}-sl"
+    assert make_client_order_id("SOL/USDT:USDT", np.int64(T0 + 1), "take_profit", "cache-t").endswith(f"-{T0 + 1}-tp")
+    for _ in range(2):  # nothing invalid is cached: it fails every time
+        with pytest.raises(DataValidationError, match="prefix 'bad prefix' makes it invalid"):
+            make_client_order_id(SYM, T0, "entry", prefix="bad prefix")
+        with pytest.raises(DataValidationError, match="too long"):
+            make_client_order_id(SYM, T0, "entry", prefix="x" * 20)
+        with pytest.raises(DataValidationError, match="purpose"):
+            make_client_order_id(SYM, T0, "open")
+
+
+def assert_same_instance(built: object, made: object) -> None:
+    """``built`` is indistinguishable from the dataclass instance ``made``: equality, hash, repr, field order."""
+    assert type(built) is type(made)
+    assert built == made and hash(built) == hash(made) and repr(built) == repr(made)
+    assert list(vars(built)) == [f.name for f in dataclasses.fields(made)]  # type: ignore[arg-type]
+    assert vars(built) == vars(made)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        built.qty = 0.0  # type: ignore[attr-defined]
+
+
+def test_fast_builders_make_the_constructors_instances() -> None:
+    fill_fields = ("f1", SYM, "sell", 1.5, 99.0, 99.2, T0, "taker", 0.06, 0.3, -1.5)
+    fill = paper._fill(*fill_fields)
+    assert_same_instance(fill, Fill(*fill_fields))
+    order_fields = ("f1", SYM, "stop", "sell", 2.0, 99.0, T0 - MINUTE_MS, "filled", fill, T0, None)
+    assert_same_instance(paper._order(*order_fields), Order(*order_fields))
+    position_fields = (SYM, -2.0, 101.0, 3.5, 0.25)
+    assert_same_instance(paper._position(*position_fields), Position(*position_fields))
+
+
+def test_the_engine_entry_points_leave_the_state_of_the_checked_ones() -> None:
+    """``_market`` / ``_resting`` / ``_on_bar`` (the backtest engine's calls, argument checks skipped) are the
+    public calls."""
+    public, private = broker(PaperBrokerParams()), broker(PaperBrokerParams())
+    public.submit_market("e", SYM, "buy", 2.0, ts_ms=T0, price=100.0)
+    public.submit_stop("s", SYM, "sell", 2.0, 99.0, ts_ms=T0)
+    public.submit_take_profit("t", SYM, "sell", 2.0, 103.0, ts_ms=T0)
+    private._market("e", SYM, "buy", 2.0, T0, 100.0)
+    private._resting("s", SYM, "sell", 2.0, 99.0, T0, "stop")
+    private._resting("t", SYM, "sell", 2.0, 103.0, T0, "take_profit")
+    assert private.to_dict() == public.to_dict()
+    # the take-profit fills, the stop is cancelled with the position
+    assert private._on_bar(SYM, T0 + MINUTE_MS, 100.0, 103.5, 99.5, 103.0) == public.on_bar(
+        SYM, T0 + MINUTE_MS, 100.0, 103.5, 99.5, 103.0
+    )
+    assert private.to_dict() == public.to_dict() and private.fills() == public.fills()
+    assert private.position(SYM).qty == 0.0 and private.get_order("s").cancel_reason == "position_closed"
+    assert private._market("e", SYM, "buy", 5.0, T0, 1.0) == public.submit_market("e", SYM, "buy", 5.0, ts_ms=T0)
+    with pytest.raises(DataValidationError, match="already names"):
+        private._resting("e", SYM, "sell", 1.0, 90.0, T0, "stop")
 
 
 # ----- accounting -------------------------------------------------------------------------------------

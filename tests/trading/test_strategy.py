@@ -260,6 +260,13 @@ def test_an_unclosed_bar_is_refused() -> None:
         ({"position_qty": 1.0, "entry_price": math.nan}, "entry_price"),
         ({"bar_ts_ms": float(T0)}, "bar_ts_ms"),
         ({"predicted_return_bps": "9"}, "predicted_return_bps"),
+        ({"predicted_return_bps": True}, "predicted_return_bps"),
+        ({"now_ms": float(T0 + MINUTE_MS)}, "now_ms"),
+        ({"bar_ms": 0}, "bar_ms must be > 0"),
+        ({"low": math.inf}, "low must be a finite price"),
+        ({"high": 99.0}, "low <= close <= high"),
+        ({"position_qty": math.nan}, "position_qty"),
+        ({"equity": np.float64(math.nan)}, "equity"),
     ],
 )
 def test_bad_inputs_name_what_is_wrong(changes: dict[str, object], name: str) -> None:
@@ -277,6 +284,30 @@ def test_bars_going_back_in_time_are_refused() -> None:
     step(s, T0 + 5 * MINUTE_MS)  # the same bar again is allowed (replay)
     with pytest.raises(DataValidationError, match="earlier"):
         step(s, T0)
+
+
+def test_infinite_or_missing_predictions_of_any_number_type_are_no_prediction() -> None:
+    for pred in (None, math.nan, math.inf, -math.inf, np.float64(math.nan), np.float32(math.inf)):
+        d, _ = step(StrategyState(), T0, pred=pred)  # type: ignore[arg-type]
+        assert d.reason == "no_prediction" and d.predicted_return_bps is None
+    d, _ = step(StrategyState(), T0, pred=9)  # an int prediction is a number like any other
+    assert d.action == "enter_long" and type(d.predicted_return_bps) is float
+
+
+def test_the_fast_builders_make_the_constructors_instances() -> None:
+    from cryptoml.trading import strategy
+
+    decision_fields = ("exit", "reversal", T0, T0 + MINUTE_MS, -5.0, "sell", 1.5, 0.0, None, None)
+    state_fields = (19_723, 10_000.0, True, T0, T0 + 4 * MINUTE_MS, -1, T0)
+    for built, made in (
+        (strategy._decision(*decision_fields), Decision(*decision_fields)),
+        (strategy._state(*state_fields), StrategyState(*state_fields)),
+    ):
+        assert type(built) is type(made) and built == made and hash(built) == hash(made) and repr(built) == repr(made)
+        assert list(vars(built)) == [f.name for f in dataclasses.fields(made)] and vars(built) == vars(made)
+        assert built.to_dict() == made.to_dict()
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            built.action = "hold"  # type: ignore[misc, union-attr]
 
 
 def test_numpy_scalars_are_accepted_and_outputs_are_plain_python() -> None:
@@ -339,3 +370,28 @@ def test_decisions_are_deterministic_and_survive_a_state_round_trip(rows: list) 
 def test_state_from_dict_refuses_unknown_keys() -> None:
     with pytest.raises(DataValidationError, match="unknown keys"):
         StrategyState.from_dict({"cooldown_until": 5})
+
+
+@settings(max_examples=40, deadline=None)
+@given(bars)
+def test_the_engine_entry_point_decides_as_decide(rows: list) -> None:
+    """``_decide`` (decide() past its input checks, the backtest engine's call) takes the same decisions."""
+    from cryptoml.trading.strategy import _decide
+
+    public = private = StrategyState()
+    qty, entry, cash, price = 0.0, 0.0, 10_000.0, 100.0
+    for i, (pred, ret, up, down, latency) in enumerate(rows):
+        close = price * (1.0 + ret)
+        high, low = max(price, close) * (1.0 + up), min(price, close) * (1.0 - down)
+        bar, now, equity = T0 + i * 17 * MINUTE_MS, T0 + i * 17 * MINUTE_MS + MINUTE_MS + latency, cash + qty * close
+        d1, public = decide(
+            public, P, bar_ts_ms=bar, now_ms=now, close=close, high=high, low=low, predicted_return_bps=pred,
+            position_qty=qty, entry_price=entry, equity=equity,
+        )  # fmt: skip
+        d2, private = _decide(private, P, bar, now, close, high, low, pred, qty, entry, equity, MINUTE_MS)
+        assert d1 == d2 and public == private
+        if d1.action == "exit":
+            cash, qty, entry = cash + qty * close, 0.0, 0.0
+        elif d1.action.startswith("enter"):
+            cash, qty, entry = cash - d1.target_qty * close, d1.target_qty, close
+        price = close
