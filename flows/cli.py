@@ -28,7 +28,17 @@ app = typer.Typer(
 )
 
 T = TypeVar("T")
-ParamsOpt = Annotated[str, typer.Option("--params", help="params.yaml to read")]
+DEFAULT_PARAMS = "params.yaml"
+
+
+def _params_file(value: str) -> str:
+    """``--params``: the default may be absent (all defaults apply); a file named explicitly must exist."""
+    if value != DEFAULT_PARAMS and not Path(value).is_file():
+        raise typer.BadParameter(f"{value}: no such params file")
+    return value
+
+
+ParamsOpt = Annotated[str, typer.Option("--params", help="params.yaml to read", callback=_params_file)]
 
 
 def _fail(message: str, code: int) -> typer.Exit:
