@@ -227,7 +227,8 @@ def walk_forward_refit_figures(workers: int = 2) -> dict[str, object]:
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from cryptoml.backtest.signals import LgbmSettings, evaluate_walk_forward, fold_signals, fold_span_ms, signal_inputs
+    from cryptoml.backtest.signals import LgbmSettings, fold_signals, fold_span_ms, signal_inputs
+    from cryptoml.backtest.walkforward import evaluate_walk_forward
     from cryptoml.backtest.windows import windows_from_hours
     from cryptoml.config import PriceLgbmParams, SyntheticParams
     from cryptoml.features.technical import technical_features

@@ -38,12 +38,12 @@ from cryptoml.backtest.signals import (
     LgbmSettings,
     SegmentSignals,
     SignalInputs,
-    evaluate_walk_forward,
     fold_signals,
     fold_span_ms,
     segment_table,
     signal_inputs,
 )
+from cryptoml.backtest.walkforward import evaluate_walk_forward
 from cryptoml.backtest.windows import Fold, windows_from_hours
 from cryptoml.config import Params
 from cryptoml.errors import DataValidationError

@@ -15,13 +15,13 @@ from cryptoml.backtest.signals import (
     LgbmSettings,
     SegmentSignals,
     assemble_predictions,
-    evaluate_walk_forward,
     fold_signals,
     segment_signals,
     signal_inputs,
     signal_quality,
     walk_forward_signals,
 )
+from cryptoml.backtest.walkforward import evaluate_walk_forward
 from cryptoml.backtest.windows import Segment, windows_from_hours
 from cryptoml.errors import DataValidationError
 
