@@ -375,7 +375,9 @@ def test_cli_promote_and_compare(mlflow_server: MlflowServer, two_versions: str,
     no_reason = runner.invoke(app, ["promote", two_versions, "--force"])
     assert no_reason.exit_code == 2 and "--reason" in no_reason.output
 
-    promoted = runner.invoke(app, ["promote", two_versions, "--params", str(tmp_path / "absent.yaml")])
+    zero_margin = tmp_path / "zero_margin.yaml"
+    zero_margin.write_text("registry:\n  margin: {default: 0.0}\n")
+    promoted = runner.invoke(app, ["promote", two_versions, "--params", str(zero_margin)])
     assert promoted.exit_code == 0, promoted.output
     assert f"promoted: {two_versions} v2 is now the champion" in promoted.output
 
