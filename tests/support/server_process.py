@@ -7,6 +7,7 @@ the group, SIGKILL after ``stop_timeout_s``, and waits for every member (uvicorn
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 import signal
@@ -51,7 +52,7 @@ def live_members(pgid: int) -> bool:
     return False
 
 
-class ServerProcess:
+class ServerProcess(abc.ABC):
     """``with Server(folder) as server:`` -> a healthy server until the block ends (see the module doc)."""
 
     name = "server"
@@ -78,11 +79,13 @@ class ServerProcess:
         self._log: IO[bytes] | None = None
 
     # --- what a subclass names ---
+    @abc.abstractmethod
     def command(self) -> list[str]:
-        raise NotImplementedError
+        """The server's command line."""
 
+    @abc.abstractmethod
     def health_url(self) -> str:
-        raise NotImplementedError
+        """The URL that answers 200 once the server is ready."""
 
     def env(self) -> dict[str, str]:
         return dict(self.base_env)
